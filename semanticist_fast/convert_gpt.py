@@ -1,0 +1,127 @@
+"""Official epsilon-LlamaGen checkpoint -> our GPT state dict and config.
+
+Our parameter names are the official ones, so conversion strips wrapper prefixes, infers the architecture from
+the tensor shapes and checks the key set strictly against a model built from that config.
+
+    python -m semanticist_fast.convert_gpt custom_checkpoint_1.pkl gpt_l.pt
+"""
+import argparse
+import re
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+
+from .models.gpt import GPT, GPT_SIZES, GPTConfig
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_prefixes(key: str) -> str:
+    # torch.compile inserts "_orig_mod." and DDP "module.", possibly both and in either order.
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key.replace("._orig_mod.", ".")
+
+
+def _shape(sd: dict, key: str) -> tuple:
+    if key not in sd:
+        raise ValueError(f"official GPT checkpoint is missing {key!r}; is this an epsilon-LlamaGen checkpoint?")
+    return tuple(sd[key].shape)
+
+
+def _count(sd: dict, pattern: str) -> int:
+    indices = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+    if indices != set(range(len(indices))):
+        raise ValueError(f"checkpoint blocks matching {pattern!r} are not numbered 0..n-1: {sorted(indices)}")
+    return len(indices)
+
+
+def infer_gpt_config(sd: dict, heads: Optional[int] = None) -> GPTConfig:
+    """The GPTConfig whose parameter shapes match the (prefix-free) state dict sd.
+
+    The head count is not visible in the shapes: it comes from the standard size with these layers and dim,
+    or must be given.
+    """
+    num_classes_plus_null, dim = _shape(sd, "cls_embedding.embedding_table.weight")
+    layers = _count(sd, r"layers\.(\d+)\.")
+    size = next((name for name, (l, _, d) in GPT_SIZES.items() if (l, d) == (layers, dim)), "custom")
+    if heads is None:
+        if size == "custom":
+            raise ValueError(f"no standard GPT size has {layers} layers of dim {dim}; pass the head count")
+        heads = GPT_SIZES[size][1]
+    elif size != "custom" and GPT_SIZES[size][1] != heads:
+        size = "custom"
+    token_dim = _shape(sd, "z_proj.weight")[1]
+    num_tokens = _shape(sd, "diffusion_pos_embed_learned")[1]
+    width = _shape(sd, "diffloss.net.input_proj.weight")[0]
+    mlp_in = _shape(sd, "diffloss.net.res_blocks.0.mlp.0.weight")[1]
+    out_channels = _shape(sd, "diffloss.net.final_layer.linear.weight")[0]
+    if mlp_in not in (width, 2 * width):
+        raise ValueError(f"head block input {mlp_in} is neither width {width} (adaln) nor 2x width (concat)")
+    if out_channels not in (token_dim, 2 * token_dim):
+        raise ValueError(f"head output {out_channels} is neither {token_dim} (flow) nor {2 * token_dim} (ddpm)")
+    objective = "flow" if out_channels == token_dim else "ddpm"
+    return GPTConfig(
+        size=size,
+        layers=None if size != "custom" else layers,
+        heads=None if size != "custom" else heads,
+        dim=None if size != "custom" else dim,
+        token_dim=token_dim,
+        num_tokens=num_tokens,
+        num_classes=num_classes_plus_null - 1,
+        head_width=width,
+        head_depth=_count(sd, r"diffloss\.net\.res_blocks\.(\d+)\."),
+        head_cond="concat" if mlp_in == 2 * width else "adaln",
+        head_objective=objective,
+        # The reference samples flow heads with 250 SDE steps and DDPM heads with 100 respaced steps.
+        head_sample_steps=250 if objective == "flow" else 100,
+    )
+
+
+def convert_gpt_state_dict(sd: dict, heads: Optional[int] = None) -> tuple[dict, GPTConfig]:
+    """(our state dict, config) from an official GPT state dict; a top-level "state_dict" wrapper is unwrapped.
+
+    Strict: every missing, unexpected or mis-shaped key is reported by name.
+    """
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    ours = {_strip_prefixes(k): v for k, v in sd.items()}
+    config = infer_gpt_config(ours, heads)
+    with torch.device("meta"):
+        expected = GPT(config).state_dict()
+    missing = sorted(set(expected) - set(ours))
+    unexpected = sorted(set(ours) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in ours and tuple(ours[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        lines = [f"official GPT checkpoint does not match the inferred config {config}"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + "; ".join(items))
+        raise ValueError("\n".join(lines))
+    return {k: ours[k] for k in expected}, config
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="official checkpoint (.pkl/.pth state dict, or .safetensors)")
+    parser.add_argument("dst", help="output .pt holding {'model': state_dict, 'gpt_config': dict}")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads, for non-standard sizes")
+    args = parser.parse_args(argv)
+    if args.src.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(args.src)
+    else:
+        sd = torch.load(args.src, map_location="cpu", weights_only=True)
+    ours, config = convert_gpt_state_dict(sd, args.heads)
+    torch.save({"model": ours, "gpt_config": asdict(config)}, args.dst)
+    print(f"converted {len(ours)} tensors, config {config}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Datasets from the data section of a config."""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["procedural", "folder"] = "procedural"
+    root: str = ""  # folder: ImageFolder-layout training root
+    val_root: str = ""  # folder: held-out images (defaults to none)
+    num_items: int = 50_000  # procedural: training-set size
+    num_val_items: int = 256  # procedural: held-out set size
+    num_classes: int = 10  # procedural
+    crop: Literal["random_crop", "center_crop"] = "random_crop"
+    hflip: bool = True
+
+    def validate(self):
+        if self.dataset == "folder" and not self.root:
+            raise ValueError("data.dataset=folder needs data.root: an ImageFolder directory (root/<class>/<image>)")
+
+
+def build_dataset(cfg: DataConfig, image_size: int, split: str = "train", seed: int = 0, raw: bool = False):
+    """raw=True: whole images, no crop or flip (the token cache makes its own views)."""
+    from .procedural import ProceduralImages
+
+    if cfg.dataset == "procedural":
+        n = cfg.num_items if split == "train" else cfg.num_val_items
+        return ProceduralImages(image_size, n, split=split, num_classes=cfg.num_classes, seed=seed)
+    from .folder import ImageFolderDataset
+    from .transforms import build_transform
+
+    if split == "train":
+        return ImageFolderDataset(cfg.root, None if raw else build_transform(cfg.crop, image_size, cfg.hflip))
+    if not cfg.val_root:
+        raise ValueError("no held-out images: set data.val_root to an ImageFolder directory")
+    return ImageFolderDataset(cfg.val_root, build_transform("center_crop", image_size, False))
+
+
+def load_images(paths: list[str], image_size: int):
+    """User-given image files -> (N, 3, S, S) in [0, 1] with the ADM centre crop."""
+    import torch
+    from PIL import Image
+
+    from .transforms import center_crop_arr
+
+    images = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"image {p} does not exist")
+        try:
+            with Image.open(p) as im:
+                images.append(center_crop_arr(im.convert("RGB"), image_size))
+        except OSError as e:
+            raise ValueError(f"cannot read image {p}: {e}") from None
+    return torch.stack(images)

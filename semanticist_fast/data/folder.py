@@ -1,0 +1,113 @@
+"""ImageFolder dataset (root/<class_name>/**/<image>) that survives unreadable files.
+
+A large crawl always holds a few truncated or mislabelled files; crashing a multi-day run on one
+of them is worse than substituting a neighbour. An unreadable file is logged (warning, with its
+path) and replaced, deterministically, by the next readable item in sorted order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from semanticist_fast.data.transforms import seeded_generator, to_tensor
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jpe")
+_LAYOUT = "root/<class_name>/<image file> (subfolders allowed), one folder per class"
+
+Transform = Callable[[Image.Image, torch.Generator], torch.Tensor]
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class ImageFolderDataset(Dataset):
+    """(image, label) pairs from an ImageFolder tree; label = index of the class folder in sorted order.
+
+    transform(pil_rgb, generator) -> float tensor, e.g. from transforms.build_transform; None gives the
+    full image as a (3, H, W) tensor in [0, 1]. The generator of item i is seeded from
+    (seed, epoch, i), so augmentations are reproducible and change with `set_epoch`.
+
+    `num_skipped` counts the distinct unreadable files met by *this process*: each DataLoader worker
+    holds its own copy of the dataset, so the main process's count stays 0 when workers do the
+    reading. Every skip is also logged (once per file per process) at warning level with its path.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Transform | None = None, seed: int = 0):
+        root_path = Path(root)
+        if not root_path.is_dir():
+            raise FileNotFoundError(
+                f"dataset root '{root_path}' does not exist or is not a directory; expected {_LAYOUT}"
+            )
+        self.root = str(root_path)
+        self.classes = sorted(e.name for e in os.scandir(root_path) if e.is_dir() and not e.name.startswith("."))
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        for name in self.classes:
+            paths = []
+            for dirpath, dirnames, filenames in os.walk(root_path / name, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                paths.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f) and not f.startswith("."))
+            self.samples.extend((p, self.class_to_idx[name]) for p in sorted(paths))
+        if not self.samples:
+            raise FileNotFoundError(
+                f"no images found under '{root_path}' (class folders found: {len(self.classes)}); expected {_LAYOUT} "
+                f"with extensions {', '.join(IMAGE_EXTENSIONS)}"
+            )
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.num_skipped = 0
+        self._unreadable: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _load(self, index: int) -> Image.Image | None:
+        if index in self._unreadable:
+            return None
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")  # convert forces a full decode, so truncation fails here
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            self._unreadable.add(index)
+            self.num_skipped += 1
+            logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far in process %d",
+                           path, type(e).__name__, e, self.num_skipped, os.getpid())
+            return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.get(index, seeded_generator(self.seed, self.epoch, index))
+
+    def get(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """Item `index` with its augmentation drawn from `generator` (the trainer's resumable loader seeds it)."""
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        index %= n
+        for step in range(n):
+            j = (index + step) % n
+            pil = self._load(j)
+            if pil is not None:
+                break
+        else:
+            raise RuntimeError(f"no readable image under '{self.root}': all {n} files failed to load")
+        if self.transform is None:
+            x = to_tensor(pil)
+        else:
+            x = self.transform(pil, generator)
+        return x, self.samples[j][1]

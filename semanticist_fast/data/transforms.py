@@ -1,0 +1,155 @@
+"""Image transforms: PIL image in, float32 (3, H, W) tensor in [0, 1] out.
+
+The crops follow ADM (guided-diffusion) semantics because the published tokenizer numbers were
+measured on ADM centre crops: halve with a BOX filter while the short side is at least twice the
+target (better anti-aliasing than one big bicubic step), then one BICUBIC resize to the exact short
+side, then crop. All randomness comes from an explicit torch.Generator so that a resumed run can
+replay the same augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+TEN_CROP_SCALES = (1.05, 1.10)
+TEN_CROP_POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 64-bit seed that is a pure function of the integer keys (e.g. seed, stream, index).
+
+    Chained splitmix64 rather than arithmetic like `seed * 1000 + index`, which collides across keys.
+    """
+    h = 0
+    for k in keys:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return h
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(derive_seed(*keys))
+    return g
+
+
+def to_tensor(pil: Image.Image) -> torch.Tensor:
+    arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _adm_resize_short_side(pil: Image.Image, short_side: int) -> Image.Image:
+    while min(pil.size) >= 2 * short_side:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+    scale = short_side / min(pil.size)
+    return pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+
+
+def _center_crop_pil(pil: Image.Image, size: int) -> Image.Image:
+    pil = _adm_resize_short_side(pil.convert("RGB"), size)
+    w, h = pil.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return pil.crop((left, top, left + size, top + size))
+
+
+def center_crop_arr(pil: Image.Image, size: int) -> torch.Tensor:
+    """ADM centre crop to size x size."""
+    return to_tensor(_center_crop_pil(pil, size))
+
+
+def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in [low, high)."""
+    return int(torch.randint(low, high, (1,), generator=generator).item())
+
+
+def random_crop_arr(
+    pil: Image.Image,
+    size: int,
+    min_crop_frac: float = 0.8,
+    max_crop_frac: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """ADM random crop: resize the short side to a random length in
+    [ceil(size / max_crop_frac), ceil(size / min_crop_frac)] (inclusive), then take a uniformly placed
+    size x size window. The crop thus covers between min_crop_frac and max_crop_frac of the short side."""
+    lo = math.ceil(size / max_crop_frac)
+    hi = math.ceil(size / min_crop_frac)
+    short_side = _randint(lo, hi + 1, generator)
+    pil = _adm_resize_short_side(pil.convert("RGB"), short_side)
+    w, h = pil.size
+    top = _randint(0, h - size + 1, generator)
+    left = _randint(0, w - size + 1, generator)
+    return to_tensor(pil.crop((left, top, left + size, top + size)))
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
+    """Flip the last (width) axis with probability p. Always draws one number, so the generator
+    advances identically whether or not the flip happens."""
+    flip = torch.rand((), generator=generator).item() < p
+    return x.flip(-1) if flip else x
+
+
+def ten_crop_sizes(size: int) -> tuple[int, ...]:
+    """Side lengths of the enlarged ADM centre crops the ten-crop views are cut from (268, 281 for 256)."""
+    return tuple(int(size * s) for s in TEN_CROP_SCALES)
+
+
+def ten_crop_views(pil: Image.Image, size: int = 256) -> list[torch.Tensor]:
+    """The 20 cached-training views of one image, each (3, size, size).
+
+    For each scale s in TEN_CROP_SCALES an ADM centre crop of side int(size * s) is cut into the five
+    size x size windows of TEN_CROP_POSITIONS; every window also appears mirrored. Order:
+        views[10 * scale_idx + 5 * flipped + position_idx]
+    so views[0:5] are the unflipped 1.05x windows, views[5:10] their mirrors (views[5 + p] ==
+    views[p].flip(-1)), views[10:20] the same for 1.10x.
+    """
+    views: list[torch.Tensor] = []
+    for big in ten_crop_sizes(size):
+        square = to_tensor(_center_crop_pil(pil, big))
+        far = big - size
+        mid = far // 2
+        offsets = ((0, 0), (0, far), (far, 0), (far, far), (mid, mid))  # (top, left) per position
+        windows = [square[:, t : t + size, l : l + size] for t, l in offsets]
+        views.extend(w.contiguous() for w in windows)
+        views.extend(w.flip(-1) for w in windows)
+    return views
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Picklable (DataLoader workers) train/eval transform: callable(pil, generator) -> tensor."""
+
+    kind: Literal["random_crop", "center_crop"]
+    size: int
+    hflip: bool
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("random_crop", "center_crop"):
+            raise ValueError(f"unknown transform kind {self.kind!r}; expected 'random_crop' or 'center_crop'")
+
+    def __call__(self, pil: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.kind == "random_crop":
+            x = random_crop_arr(pil, self.size, generator=generator)
+        else:
+            x = center_crop_arr(pil, self.size)
+        if self.hflip:
+            x = random_hflip(x, generator)
+        return x
+
+
+def build_transform(kind: Literal["random_crop", "center_crop"], size: int, hflip: bool) -> ImageTransform:
+    return ImageTransform(kind, size, hflip)

@@ -1,0 +1,237 @@
+"""The training loop, shared by the tokenizer and the AR model.
+
+A task supplies the trainable model and `loss(model, batch, step, epoch) -> (loss, metrics)`; the trainer owns the
+optimizer, schedule, EMA, precision, logging, previews and checkpoints. Metrics stay on the device between logging
+intervals, so the hot loop never waits on the host.
+"""
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Protocol
+
+import torch
+
+from ..data.loader import epoch_loader, steps_per_epoch
+from .checkpoint import atomic_torch_save, checkpoint_path, latest_checkpoint, load_checkpoint, load_model_state, prune_checkpoints
+from .ema import EMA
+from .optim import build_adamw
+from .schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 2.5e-5  # lr = blr * global_batch / 256, unless lr is set
+    lr: Optional[float] = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 10.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = 0.0
+    grad_clip: float = 3.0
+
+    def validate(self):
+        if self.grad_clip <= 0:
+            raise ValueError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 2048  # global batch per optimizer step
+    grad_accum: int = 1
+    epochs: int = 400
+    ema_decay: float = 0.999
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
+    device: str = "auto"
+    num_workers: int = 4
+    log_every: int = 50
+    ckpt_every: int = 1000
+    preview_every: int = 5000  # 0 = never
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+    def validate(self):
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size {self.batch_size} must be divisible by train.grad_accum {self.grad_accum}")
+        for key in ("batch_size", "grad_accum", "epochs", "log_every", "ckpt_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+
+
+class Task(Protocol):
+    model: torch.nn.Module
+
+    def loss(self, model, batch, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def preview(self, model, step: int, path: Path) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, task: Task, train_set, train: TrainConfig, optim: OptimConfig, out_dir: Path,
+                 run_config: dict, device: torch.device):
+        self.task, self.train_set, self.cfg, self.optim_cfg = task, train_set, train, optim
+        self.out_dir, self.run_config, self.device = Path(out_dir), run_config, device
+        self.model = task.model
+        self.micro_batch = train.batch_size // train.grad_accum
+        self.steps_per_epoch = steps_per_epoch(len(train_set), self.micro_batch) // train.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(train_set)} items: not enough for one step of batch "
+                             f"{train.batch_size}; lower train.batch_size or add data")
+        self.total_steps = train.epochs * self.steps_per_epoch
+        self.warmup_steps = int(round(optim.warmup_epochs * self.steps_per_epoch))
+        self.base_lr = optim.lr if optim.lr is not None else optim.blr * train.batch_size / 256
+        self.optimizer = build_adamw(self.model, self.base_lr, optim.betas, optim.weight_decay)
+        self.ema = EMA(self.model, train.ema_decay)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=train.precision == "bf16" and device.type == "cuda")
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "kind": getattr(self.task, "kind", "model"),
+            "config": self.run_config,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "rng": rng,
+        }
+
+    def save(self) -> Path:
+        path = checkpoint_path(self.out_dir, self.step)
+        atomic_torch_save(self.state_dict(), path)
+        prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
+        return path
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        load_model_state(self.model, state["model"], what=f"checkpoint {path}")
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop logged lines past the checkpoint, so the log of a resumed run reads like an uninterrupted one."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # -- loop ----------------------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_at_step: Optional[int] = None) -> dict:
+        """Train to the end of the schedule (or stop early at stop_at_step, leaving a resumable checkpoint)."""
+        if resume:
+            latest = latest_checkpoint(self.out_dir)
+            if latest is None:
+                log.warning("--resume: no checkpoint in %s, starting from scratch", self.out_dir)
+            else:
+                self.restore(latest)
+        end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
+        writer = self._tensorboard()
+        bar = self._progress(end)
+        sums: dict[str, torch.Tensor] = {}
+        count, last_time, last_step = 0, time.perf_counter(), self.step
+        micro_batches_per_epoch = self.steps_per_epoch * self.cfg.grad_accum
+        last_metrics: dict = {}
+        self.model.train()
+        while self.step < end:
+            loader = epoch_loader(self.train_set, self.micro_batch, self.cfg.seed, self.epoch, self.batch_in_epoch,
+                                  self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+            micro = 0
+            for batch in loader:
+                if self.batch_in_epoch >= micro_batches_per_epoch:
+                    break
+                with self.autocast:
+                    loss, metrics = self.task.loss(self.model, batch, self.step, self.epoch)
+                (loss / self.cfg.grad_accum).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                count += 1
+                micro += 1
+                self.batch_in_epoch += 1
+                if micro % self.cfg.grad_accum:
+                    continue
+                lr = lr_at(self.step, self.base_lr, self.warmup_steps, self.total_steps,
+                           self.optim_cfg.schedule, self.optim_cfg.min_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+                sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float() * self.cfg.grad_accum
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.ema.update(self.model)
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == end:
+                    now = time.perf_counter()
+                    last_metrics = {k: (v / count).item() for k, v in sums.items()}  # the one sync per interval
+                    last_metrics["lr"] = lr
+                    images_per_s = (self.step - last_step) * self.cfg.batch_size / max(now - last_time, 1e-9)
+                    self._log(writer, bar, last_metrics, images_per_s)
+                    sums, count, last_time, last_step = {}, 0, now, self.step
+                if self.cfg.preview_every and self.step % self.cfg.preview_every == 0:
+                    self._preview()
+                if self.step % self.cfg.ckpt_every == 0 or self.step == end:
+                    self.save()
+                if self.step >= end:
+                    break
+            if self.batch_in_epoch >= micro_batches_per_epoch:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        return last_metrics
+
+    def _preview(self) -> None:
+        preview = getattr(self.task, "preview", None)
+        if preview is not None:
+            preview(self.ema.model, self.step, self.out_dir / "previews" / f"step-{self.step:08d}.png")
+
+    def _log(self, writer, bar, metrics: dict, images_per_s: float) -> None:
+        record = {"step": self.step, "epoch": self.epoch, "images_per_s": images_per_s, **metrics}
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, self.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", lr=f"{metrics['lr']:.2e}",
+                            img_s=f"{images_per_s:.1f}")
+
+    def _tensorboard(self):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed: scalars go to metrics.jsonl only")
+            return None
+        return SummaryWriter(str(self.out_dir / "tb"))
+
+    def _progress(self, end: int):
+        if not self.cfg.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)

@@ -1,0 +1,193 @@
+"""The MAR-style diffusion head ("DiffLoss"): an MLP that denoises one continuous token given the transformer output.
+
+Time enters through adaLN (shift/scale/gate); the condition is either concatenated with the modulated
+activations in every block ("concat", the official GPT-L setting) or added to the time embedding ("adaln").
+Parameter names follow the official checkpoint (`diffloss.net.*`).
+"""
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..diffusion import flow
+from ..diffusion.gaussian import GaussianDiffusion
+from .layers import TimestepEmbedder
+
+CondMethod = Literal["concat", "adaln"]
+Objective = Literal["flow", "ddpm"]
+Sampler = Literal["sde", "sde_naive", "ode"]
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int, cond_method: CondMethod):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        mlp_in = 2 * width if cond_method == "concat" else width
+        self.mlp = nn.Sequential(nn.Linear(mlp_in, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, x, mod, cond: Optional[torch.Tensor]):
+        # mod may have a single row shared by all of x (one timestep for the whole batch while sampling).
+        shift, scale, gate = self.adaLN_modulation(mod).chunk(3, dim=-1)
+        h = _modulate(self.in_ln(x), shift, scale)
+        if cond is not None:
+            h = torch.cat([h, cond], dim=-1)
+        return x + gate * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_channels: int, cond_method: CondMethod):
+        super().__init__()
+        self.width = width
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(2 * width if cond_method == "concat" else width, out_channels)
+
+    def forward(self, x, mod, cond: Optional[torch.Tensor]):
+        shift, scale = self.adaLN_modulation(mod).chunk(2, dim=-1)
+        h = _modulate(F.layer_norm(x, (self.width,), eps=1e-6), shift, scale)
+        if cond is not None:
+            h = torch.cat([h, cond], dim=-1)
+        return self.linear(h)
+
+
+class MLPAdaLN(nn.Module):
+    def __init__(self, in_channels: int, width: int, out_channels: int, cond_dim: int, depth: int,
+                 cond_method: CondMethod = "concat"):
+        super().__init__()
+        if cond_method not in ("concat", "adaln"):
+            raise ValueError(f"head cond method {cond_method!r} is not supported; choose 'concat' or 'adaln'")
+        self.cond_method = cond_method
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(in_channels, width)
+        self.res_blocks = nn.ModuleList([ResBlock(width, cond_method) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, out_channels, cond_method)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output as zero.
+        for layer in [*self.res_blocks, self.final_layer]:
+            nn.init.zeros_(layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x, t, cond):
+        """x (N, C), t (N,) or (1,) (shared), cond (N, cond_dim) -> (N, out_channels)."""
+        return self.denoise(x, t, self.cond_embed(cond))
+
+    def denoise(self, x, t, cond_emb):
+        """As forward, with the condition already embedded (it is fixed over a sampling chain)."""
+        t_emb = self.time_embed(t)
+        if self.cond_method == "concat":
+            mod, cond = t_emb, cond_emb
+        else:
+            mod, cond = t_emb + cond_emb, None
+        h = self.input_proj(x.to(self.input_proj.weight.dtype))
+        for block in self.res_blocks:
+            h = block(h, mod, cond)
+        return self.final_layer(h, mod, cond)
+
+
+class DiffusionHead(nn.Module):
+    """Training loss and sampler of one token per row, conditioned on a transformer output per row."""
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int = 1536, depth: int = 12,
+                 cond_method: CondMethod = "concat", objective: Objective = "flow", sample_steps: int = 250,
+                 ddpm_schedule: str = "cosine", ddpm_timesteps: int = 1000):
+        super().__init__()
+        if objective not in ("flow", "ddpm"):
+            raise ValueError(f"head objective {objective!r} is not supported; choose 'flow' or 'ddpm'")
+        self.token_dim = token_dim
+        self.objective = objective
+        self.sample_steps = sample_steps
+        self.ddpm_schedule = ddpm_schedule
+        self.ddpm_timesteps = ddpm_timesteps
+        # DDPM learns the variance too (2x channels); flow predicts only the velocity.
+        out_channels = token_dim if objective == "flow" else 2 * token_dim
+        self.net = MLPAdaLN(token_dim, width, out_channels, cond_dim, depth, cond_method)
+        if objective == "ddpm":
+            self.train_diffusion = GaussianDiffusion.create(ddpm_timesteps, ddpm_schedule, "", learn_sigma=True)
+        self._chains: dict = {}
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per-row loss (N,) for tokens target (N, token_dim) given cond (N, cond_dim)."""
+        def model_fn(x, t):
+            return self.net(x, t, cond)
+
+        if self.objective == "flow":
+            return flow.training_loss(model_fn, target)
+        t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],), device=target.device)
+        return self.train_diffusion.training_losses(model_fn, target, t)["loss"]
+
+    def _sampling_chain(self, steps: int, device) -> GaussianDiffusion:
+        key = (steps, str(device))
+        if key not in self._chains:
+            self._chains[key] = GaussianDiffusion.create(self.ddpm_timesteps, self.ddpm_schedule, str(steps),
+                                                         learn_sigma=True).to(device)
+        return self._chains[key]
+
+    def _model_fn(self, cond: torch.Tensor, cfg: Optional[float], naive: bool):
+        """(x, t) -> network output for the B sampled rows, guided when cfg is given.
+
+        All rows share one timestep; the fast path embeds the condition once per chain and the timestep once per
+        step, the naive path (the reference's cost) redoes both for every row at every call.
+        """
+        if naive:
+            def call(x, t):
+                return self.net(x, t.reshape(-1)[:1].expand(x.shape[0]), cond)
+        else:
+            cond_emb = self.net.cond_embed(cond)
+
+            def call(x, t):
+                return self.net.denoise(x, t.reshape(-1)[:1], cond_emb)
+
+        if cfg is None:
+            return call
+        c = self.token_dim
+
+        def guided(x, t):
+            # Both halves see the same x (shared noise); guidance on the mean channels, variance from the cond half.
+            out_cond, out_uncond = call(torch.cat([x, x]), t).float().chunk(2)
+            mean = out_uncond[:, :c] + cfg * (out_cond[:, :c] - out_uncond[:, :c])
+            return torch.cat([mean, out_cond[:, c:]], dim=1)
+
+        return guided
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, cfg: Optional[float] = None, temperature: float = 1.0,
+               generator: Optional[torch.Generator] = None, steps: Optional[int] = None,
+               sampler: Sampler = "sde") -> torch.Tensor:
+        """Sample one token per row -> (B, token_dim) float32.
+
+        cfg None: cond is (B, cond_dim). cfg a float: cond is (2B, cond_dim), conditional rows then unconditional
+        ones, and the output is guided as uncond + cfg * (cond - uncond).
+        sampler: "sde" (flow: one call per step; ddpm: ancestral), "sde_naive" (the reference's two calls per step,
+        for benchmarks), "ode" (flow: Euler; ddpm: DDIM eta=0). Temperature scales the SDE / ancestral noise;
+        the deterministic "ode" sampler has no other randomness, so there it scales the initial noise.
+        """
+        if sampler not in ("sde", "sde_naive", "ode"):
+            raise ValueError(f"head sampler {sampler!r} is not supported; choose 'sde', 'sde_naive' or 'ode'")
+        steps = steps or self.sample_steps
+        rows = cond.shape[0] if cfg is None else cond.shape[0] // 2
+        noise = torch.randn(rows, self.token_dim, device=cond.device, generator=generator)
+        model_fn = self._model_fn(cond, cfg, naive=sampler == "sde_naive")
+        if self.objective == "flow":
+            if sampler == "ode":
+                return flow.sample_ode(model_fn, noise * temperature, steps)
+            return flow.sample_sde(model_fn, noise, steps, temperature, generator, naive=sampler == "sde_naive")
+        chain = self._sampling_chain(steps, cond.device)
+        if sampler == "ode":
+            return chain.ddim_sample_loop(model_fn, noise * temperature, eta=0.0)
+        return chain.p_sample_loop(model_fn, noise, generator=generator, temperature=temperature)

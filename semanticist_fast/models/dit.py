@@ -1,0 +1,164 @@
+"""The Semanticist decoder: a DiT whose condition is the slot tokens, appended after the patch tokens."""
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import dispatch
+from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, hidden, heads
+
+
+@dataclass
+class DecoderConfig:
+    size: Literal["S", "B", "L", "XL", "custom"] = "L"
+    depth: Optional[int] = None
+    hidden: Optional[int] = None
+    heads: Optional[int] = None
+    patch_size: Literal[1, 2, 4, 8] = 2
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    repa_block: int = 8  # REPA reads the hidden state after this many blocks
+    repa_proj_dim: int = 2048
+    repa_target_dim: int = 768
+
+    def resolved(self) -> tuple[int, int, int]:
+        if self.size == "custom":
+            missing = [k for k in ("depth", "hidden", "heads") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"decoder.size=custom needs decoder.{', decoder.'.join(missing)} to be set")
+            return self.depth, self.hidden, self.heads
+        depth, hidden, heads = DIT_SIZES[self.size]
+        return self.depth or depth, self.hidden or hidden, self.heads or heads
+
+    def validate(self):
+        depth, hidden, heads = self.resolved()
+        if hidden % heads:
+            raise ValueError(f"decoder hidden {hidden} must be divisible by decoder heads {heads}")
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block; the norms have no affine, the timestep embedding supplies shift/scale/gate."""
+
+    def __init__(self, hidden, heads, mlp_ratio):
+        super().__init__()
+        self.attn = Attention(hidden, heads, qkv_bias=True)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio), approximate_gelu="tanh")
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = self.attn(dispatch.layernorm_modulate(x, shift_msa, scale_msa, 1e-6))
+        x = dispatch.gated_residual(x, gate_msa, h)
+        h = self.mlp(dispatch.layernorm_modulate(x, shift_mlp, scale_mlp, 1e-6))
+        return dispatch.gated_residual(x, gate_mlp, h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, patch_size, out_channels):
+        super().__init__()
+        self.linear = nn.Linear(hidden, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(dispatch.layernorm_modulate(x, shift, scale, 1e-6))
+
+
+class SlotDiT(nn.Module):
+    def __init__(self, cfg: DecoderConfig, latent_channels: int, latent_size: int, num_slots: int, slot_dim: int):
+        super().__init__()
+        depth, hidden, heads = cfg.resolved()
+        if latent_size % cfg.patch_size:
+            raise ValueError(f"latent size {latent_size} is not divisible by decoder.patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.in_channels = latent_channels
+        self.out_channels = latent_channels * (2 if cfg.learn_sigma else 1)
+        self.patch_size = cfg.patch_size
+        self.grid = latent_size // cfg.patch_size
+        self.num_patches = self.grid ** 2
+        self.x_embedder = PatchEmbed(cfg.patch_size, latent_channels, hidden)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.autoenc_cond_embedder = nn.Linear(slot_dim, hidden)
+        # The learned per-position null slot: nested dropout fills dropped positions with it, and the all-null
+        # condition is the unconditional branch of classifier-free guidance.
+        self.null_cond = nn.Parameter(torch.zeros(1, num_slots, slot_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid).unsqueeze(0))
+        self.blocks = nn.ModuleList(DiTBlock(hidden, heads, cfg.mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden, cfg.patch_size, self.out_channels)
+        self.repa_block = cfg.repa_block if 0 < cfg.repa_block <= depth else 0
+        self.projector = nn.Sequential(
+            nn.Linear(hidden, cfg.repa_proj_dim), nn.SiLU(),
+            nn.Linear(cfg.repa_proj_dim, cfg.repa_proj_dim), nn.SiLU(),
+            nn.Linear(cfg.repa_proj_dim, cfg.repa_target_dim),
+        ) if self.repa_block else None
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.null_cond, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        p, g, c = self.patch_size, self.grid, self.out_channels
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, slots, return_repa: bool = False):
+        """x: noisy latents (B, C, H, W); t: (B,) timesteps; slots: (B, K, slot_dim) with dropped positions nulled."""
+        h = self.x_embedder(x) + self.pos_embed
+        h = torch.cat([h, self.autoenc_cond_embedder(slots.to(h.dtype))], dim=1)
+        c = self.t_embedder(t)
+        repa = None
+        for i, block in enumerate(self.blocks):
+            h = block(h, c)
+            if return_repa and self.projector is not None and i + 1 == self.repa_block:
+                repa = self.projector(h[:, :self.num_patches])
+        out = self.unpatchify(self.final_layer(h[:, :self.num_patches], c))
+        return (out, repa) if return_repa else out
+
+    def forward_with_cfg(self, x, t, slots, cfg_scale: float):
+        """Guided output for a batch x: runs the conditional and all-null branches as one doubled batch.
+
+        Guidance applies to the epsilon channels only; the variance channels come from the conditional branch.
+        """
+        if cfg_scale == 1.0:
+            return self(x, t, slots)
+        null = self.null_cond.expand(slots.shape[0], -1, -1).to(slots.dtype)
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([slots, null]))
+        cond, uncond = out.chunk(2)
+        C = self.in_channels
+        eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
+        return torch.cat([eps, cond[:, C:]], dim=1)
+
+
+def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative cosine similarity between projected DiT tokens and teacher patch tokens, per sample.
+
+    projected: (B, g*g, D) on the DiT's patch grid; target: (B, G*G, D) on the teacher's grid. The DiT grid is
+    upsampled bicubically to the teacher's when they differ (8x8 -> 16x16 for 256 px, patch 2, KL-16).
+    """
+    B, n, D = projected.shape
+    g, G = int(round(n ** 0.5)), int(round(target.shape[1] ** 0.5))
+    if g != G:
+        grid = projected.transpose(1, 2).reshape(B, D, g, g).float()
+        projected = F.interpolate(grid, size=(G, G), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    cos = F.cosine_similarity(F.normalize(projected.float(), dim=-1), F.normalize(target.float(), dim=-1), dim=-1)
+    return -cos.mean(dim=1)

@@ -1,0 +1,49 @@
+"""Nested dropout over slot tokens: the mechanism that orders tokens like principal components."""
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..kernels import dispatch
+
+
+@dataclass
+class NestedDropoutConfig:
+    enabled: bool = True
+    enable_nest_after: int = 50  # nesting starts after this many epochs (or steps, see unit)
+    unit: Literal["epoch", "step"] = "epoch"
+    full_drop_prob: float = 0.1  # the whole condition goes null with this probability, before AND during nesting
+
+    def validate(self):
+        if not 0.0 <= self.full_drop_prob < 1.0:
+            raise ValueError(f"nested.full_drop_prob must be in [0, 1), got {self.full_drop_prob}")
+
+
+class NestedDropout:
+    """Draws how many leading slots each sample keeps; dropped positions get the learned null vector.
+
+    Before nesting starts all slots are kept. With probability full_drop_prob a sample keeps none, which trains the
+    all-null (unconditional) branch used by decoder CFG. The reference stopped doing this once nesting began, so
+    its unconditional branch went stale; we keep it on.
+    """
+
+    def __init__(self, cfg: NestedDropoutConfig, num_slots: int):
+        self.cfg = cfg
+        self.num_slots = num_slots
+
+    def nesting_active(self, step: int, epoch: int) -> bool:
+        progress = epoch if self.cfg.unit == "epoch" else step
+        return self.cfg.enabled and progress >= self.cfg.enable_nest_after
+
+    def sample_keep(self, batch: int, step: int, epoch: int, device, generator=None) -> torch.Tensor:
+        K = self.num_slots
+        if self.nesting_active(step, epoch):
+            keep = torch.randint(1, K + 1, (batch,), device=device, generator=generator)
+        else:
+            keep = torch.full((batch,), K, device=device, dtype=torch.long)
+        full_drop = torch.rand(batch, device=device, generator=generator) < self.cfg.full_drop_prob
+        return torch.where(full_drop, torch.zeros_like(keep), keep)
+
+    @staticmethod
+    def apply(tokens: torch.Tensor, null: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return dispatch.nested_dropout(tokens, null, keep)

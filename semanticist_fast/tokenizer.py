@@ -1,0 +1,88 @@
+"""The user-facing tokenizer: images -> ordered tokens -> images, from a training checkpoint."""
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .config import from_dict
+from .diffusion.gaussian import sampler_for
+from .engine.checkpoint import load_checkpoint, load_model_state
+from .models.latent_codec import build_codec
+from .models.tokenizer import SemanticistTokenizer, TokenizerConfig
+
+
+class Tokenizer:
+    def __init__(self, model: SemanticistTokenizer, codec: torch.nn.Module, device: Union[str, torch.device] = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.codec = codec.to(self.device).eval()
+        self.cfg: TokenizerConfig = model.cfg
+        self._samplers: dict = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, Path], device: Optional[str] = None, use_ema: bool = True,
+                        codec_path: Optional[str] = None) -> "Tokenizer":
+        """Load a training checkpoint (or a run directory: its newest checkpoint), EMA weights by default."""
+        state = load_checkpoint(path)
+        if state.get("kind") != "tokenizer":
+            raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint, not a tokenizer checkpoint")
+        model_cfg = dict(state["config"]["model"])
+        if codec_path is not None:
+            model_cfg["codec"] = {**model_cfg["codec"], "path": codec_path}
+        cfg = from_dict(TokenizerConfig, model_cfg, prefix="model.")
+        codec = build_codec(cfg.codec)
+        model = SemanticistTokenizer(cfg)
+        load_model_state(model, state["ema" if use_ema else "model"], what=f"checkpoint {path}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, codec, device)
+
+    def _sampler(self, steps: str):
+        if steps not in self._samplers:
+            d = self.cfg.diffusion
+            diffusion, method = sampler_for(steps, d.num_timesteps, d.noise_schedule, self.cfg.decoder.learn_sigma)
+            self._samplers[steps] = (diffusion.to(self.device), method)
+        return self._samplers[steps]
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images in [0, 1], (B, 3, H, W) -> tokens (B, K, D)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        size = self.cfg.image_size
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"this tokenizer takes {size}x{size} images, got {tuple(images.shape[-2:])}; "
+                             f"centre-crop them first (semanticist_fast.data.transforms.center_crop_arr)")
+        return self.model.encode(images.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, num_tokens: Optional[int] = None, cfg: Optional[float] = None,
+               steps: Optional[str] = None, generator: Optional[torch.Generator] = None, progress: bool = False) -> torch.Tensor:
+        """tokens (B, K', D) with K' <= K -> images in [0, 1]. Only the first num_tokens are used; the rest are null."""
+        K = self.model.num_slots
+        tokens = tokens.to(self.device, torch.float32)
+        if tokens.shape[1] < K:  # a prefix (e.g. from the AR model): pad; the padding is replaced by null below
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], K - tokens.shape[1], tokens.shape[2])], dim=1)
+        k = tokens.shape[1] if num_tokens is None else int(num_tokens)
+        if not 0 <= k <= K:
+            raise ValueError(f"num_tokens must be in [0, {K}], got {k}")
+        cond = self.model.prefix_condition(tokens, k)
+        cfg = self.cfg.diffusion.cfg if cfg is None else cfg
+        diffusion, method = self._sampler(str(steps or self.cfg.diffusion.sample_steps))
+        dit = self.model.dit
+        shape = (tokens.shape[0], dit.in_channels, dit.grid * dit.patch_size, dit.grid * dit.patch_size)
+        noise = torch.randn(shape, device=self.device, generator=generator)
+        latents = diffusion.sample(lambda x, t: dit.forward_with_cfg(x, t, cond, cfg), noise, method, generator, progress)
+        return self.codec.decode(latents).clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, num_tokens: Sequence[int], **decode_kwargs) -> dict[int, torch.Tensor]:
+        """Reconstructions from the first k tokens, for each k; the same noise for every k (pass a seeded generator)."""
+        tokens = self.encode(images)
+        generator = decode_kwargs.pop("generator", None)
+        state = generator.get_state() if generator is not None else None
+        out = {}
+        for k in num_tokens:
+            if generator is not None:
+                generator.set_state(state)
+            out[int(k)] = self.decode(tokens, num_tokens=k, generator=generator, **decode_kwargs)
+        return out

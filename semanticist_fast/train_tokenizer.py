@@ -1,0 +1,122 @@
+"""Stage 1: train the Semanticist tokenizer."""
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import to_dict
+from .data.build import DataConfig, build_dataset
+from .diffusion.gaussian import GaussianDiffusion
+from .engine.trainer import OptimConfig, TrainConfig, Trainer, resolve_device
+from .eval.grid import save_grid, token_counts
+from .kernels.dispatch import set_fast_paths
+from .models.dit import repa_loss
+from .models.latent_codec import build_codec
+from .models.tokenizer import SemanticistTokenizer, TokenizerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeConfig:
+    fast_kernels: bool = True  # Triton / C++ / flash paths; false = plain PyTorch everywhere
+    compile: bool = False  # regional torch.compile of the transformer blocks
+
+
+@dataclass
+class TokenizerRun:
+    kind: Literal["tokenizer"] = "tokenizer"
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    preview_images: int = 8
+    preview_steps: str = "ddim25"
+
+
+class TokenizerTask:
+    kind = "tokenizer"
+
+    def __init__(self, run: TokenizerRun, device: torch.device, preview_batch: torch.Tensor):
+        cfg = run.model
+        self.run, self.device = run, device
+        self.codec = build_codec(cfg.codec).to(device)
+        self.model = SemanticistTokenizer(cfg).to(device)
+        self.diffusion = GaussianDiffusion.create(cfg.diffusion.num_timesteps, cfg.diffusion.noise_schedule,
+                                                  learn_sigma=cfg.decoder.learn_sigma).to(device)
+        self.teacher = None
+        if cfg.repa.teacher_path:
+            from .models.dinov2 import load_dinov2
+            self.teacher = load_dinov2(cfg.repa.teacher_path, device=device)
+        else:
+            log.info("REPA is off: no model.repa.teacher_path given")
+        self.preview_batch = preview_batch
+
+    def loss(self, model: SemanticistTokenizer, batch, step: int, epoch: int):
+        images = batch[0].to(self.device, non_blocking=True)
+        with torch.no_grad():
+            latents = self.codec.encode(images).float()
+            target = self.teacher(images) if self.teacher is not None else None
+        tokens = model.encode(images)
+        keep = model.nested.sample_keep(images.shape[0], step, epoch, self.device)
+        cond = model.condition(tokens, keep)
+        t = torch.randint(0, self.diffusion.num_timesteps, (images.shape[0],), device=self.device)
+        projected = {}
+
+        def denoiser(x_t, timesteps):
+            if target is None:
+                return model.dit(x_t, timesteps, cond)
+            out, projected["repa"] = model.dit(x_t, timesteps, cond, return_repa=True)
+            return out
+
+        terms = self.diffusion.training_losses(denoiser, latents, t)
+        loss = terms["loss"].mean()
+        metrics = {"loss": loss, "mse": terms["mse"].mean()}
+        if "vb" in terms:
+            metrics["vb"] = terms["vb"].mean()
+        if target is not None:
+            repa = repa_loss(projected["repa"], target).mean()
+            loss = loss + self.run.model.repa.weight * repa
+            metrics["repa"] = repa
+            metrics["loss"] = loss
+        return loss, metrics
+
+    @torch.no_grad()
+    def preview(self, model: SemanticistTokenizer, step: int, path: Path) -> None:
+        """Reconstructions of fixed held-out images from 1, 2, 4, ... tokens (rows), originals on top."""
+        from .tokenizer import Tokenizer
+
+        was_training = model.training
+        tok = Tokenizer(model, self.codec, self.device)
+        generator = torch.Generator(self.device).manual_seed(0)
+        recs = tok.reconstruct(self.preview_batch, token_counts(model.num_slots), steps=self.run.preview_steps,
+                               generator=generator)
+        save_grid([self.preview_batch] + list(recs.values()), path)
+        model.train(was_training)
+
+
+def train_tokenizer(run: TokenizerRun, out_dir: Path, resume: bool = False, stop_at_step=None) -> dict:
+    set_fast_paths(run.runtime.fast_kernels)
+    device = resolve_device(run.train.device)
+    torch.manual_seed(run.train.seed)
+    train_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed)
+    val_set = _held_out(run)
+    preview = torch.stack([val_set[i][0] for i in range(min(run.preview_images, len(val_set)))]).to(device)
+    task = TokenizerTask(run, device, preview)
+    if run.runtime.compile:
+        from .kernels.compile import compile_blocks
+        compile_blocks(task.model)
+    trainer = Trainer(task, train_set, run.train, run.optim, out_dir, to_dict(run), device)
+    log.info("tokenizer: %.2fM trainable parameters, %d steps (%d per epoch), lr %.2e",
+             sum(p.numel() for p in task.model.parameters()) / 1e6, trainer.total_steps, trainer.steps_per_epoch,
+             trainer.base_lr)
+    return trainer.fit(resume=resume, stop_at_step=stop_at_step)
+
+
+def _held_out(run: TokenizerRun):
+    if run.data.dataset == "procedural" or run.data.val_root:
+        return build_dataset(run.data, run.model.image_size, "val", seed=run.train.seed)
+    return build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed)
