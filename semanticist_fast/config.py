@@ -80,6 +80,12 @@ def _coerce(value: Any, tp, key: str):
             raise ConfigError(f"{key}: {value!r} is not an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 2e-3 without a dot as a string; users mean the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: {value!r} is not a number")
         return float(value)
@@ -109,10 +115,23 @@ def from_dict(cls, data: dict, prefix: str = ""):
         obj = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    for f in dataclasses.fields(cls):
+        if f.name not in (data or {}) and dataclasses.is_dataclass(hints[f.name]):
+            _validate_defaults(getattr(obj, f.name))  # a section left at its defaults must be valid too
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate()
     return obj
+
+
+def _validate_defaults(obj) -> None:
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate_defaults(child)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
 
 
 def to_dict(obj) -> dict:

@@ -158,8 +158,6 @@ class Trainer:
                                   self.cfg.num_workers, pin_memory=self.device.type == "cuda")
             micro = 0
             for batch in loader:
-                if self.batch_in_epoch >= micro_batches_per_epoch:
-                    break
                 with self.autocast:
                     loss, metrics = self.task.loss(self.model, batch, self.step, self.epoch)
                 (loss / self.cfg.grad_accum).backward()
@@ -180,6 +178,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update(self.model)
                 self.step += 1
+                epoch_done = self.batch_in_epoch >= micro_batches_per_epoch
+                if epoch_done:  # advance before any checkpoint, so one saved at an epoch's end resumes at the next
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
                 if bar is not None:
                     bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == end:
@@ -193,11 +195,8 @@ class Trainer:
                     self._preview()
                 if self.step % self.cfg.ckpt_every == 0 or self.step == end:
                     self.save()
-                if self.step >= end:
+                if self.step >= end or epoch_done:
                     break
-            if self.batch_in_epoch >= micro_batches_per_epoch:
-                self.epoch += 1
-                self.batch_in_epoch = 0
         if bar is not None:
             bar.close()
         if writer is not None:

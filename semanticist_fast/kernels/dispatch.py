@@ -23,6 +23,7 @@ from . import extension, reference
 
 _FAST = {"enabled": True, "force_triton": os.environ.get("SEMANTICIST_FORCE_TRITON") == "1"}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_ROW = 16384  # the norm kernels hold one row in registers
 
 
 def set_fast_paths(enabled: bool) -> None:
@@ -76,7 +77,7 @@ def _use_triton(*tensors: Tensor) -> bool:
 
 def _per_sample(x: Tensor, *rows: Tensor) -> bool:
     """x is (B, N, C) and every tensor of rows is (B, C): the layout of adaLN conditioning."""
-    return x.dim() == 3 and all(r.shape == (x.shape[0], x.shape[2]) for r in rows)
+    return x.dim() == 3 and x.shape[2] <= _MAX_ROW and all(r.shape == (x.shape[0], x.shape[2]) for r in rows)
 
 
 def layernorm_modulate(x, shift, scale, eps: float = 1e-6):
@@ -99,7 +100,7 @@ def gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps: float = 1e-
 
 
 def rms_norm(x, weight, eps: float = 1e-5):
-    if weight.shape == (x.shape[-1],) and _use_triton(x, weight):
+    if weight.shape == (x.shape[-1],) and x.shape[-1] <= _MAX_ROW and _use_triton(x, weight):
         return _triton_kernels().rmsnorm.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 

@@ -1,0 +1,20 @@
+"""Small configs shared by the tests."""
+from semanticist_fast.config import load_config
+from semanticist_fast.train_tokenizer import TokenizerRun
+
+MICRO_TOKENIZER = [
+    "model.image_size=16",
+    "model.encoder.size=custom", "model.encoder.dim=32", "model.encoder.depth=1", "model.encoder.heads=2",
+    "model.encoder.patch_size=8", "model.encoder.num_slots=4",
+    "model.decoder.size=custom", "model.decoder.depth=1", "model.decoder.hidden=32", "model.decoder.heads=2",
+    "model.decoder.patch_size=4",
+    "model.nested.enable_nest_after=2",
+    "data.num_items=64", "data.num_val_items=8",
+    "train.batch_size=8", "train.epochs=2", "train.log_every=1", "train.ckpt_every=4", "train.preview_every=0",
+    "train.progress=false", "optim.warmup_epochs=0.25",
+    "preview_images=2",
+]
+
+
+def micro_tokenizer_run(*extra: str) -> TokenizerRun:
+    return load_config(TokenizerRun, "configs/tokenizer_tiny.yaml", MICRO_TOKENIZER + list(extra))

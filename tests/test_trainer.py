@@ -1,0 +1,115 @@
+"""The training loop: exact resume, crash safety, clear errors, and a loss that goes down."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import MICRO_TOKENIZER, micro_tokenizer_run
+from semanticist_fast.engine.checkpoint import list_checkpoints, load_checkpoint
+from semanticist_fast.train_tokenizer import train_tokenizer
+
+
+def read_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    train_tokenizer(micro_tokenizer_run(), full)
+    train_tokenizer(micro_tokenizer_run(), split, stop_at_step=6)
+    assert max(read_losses(split)) == 6
+    # A fresh process-like start: new model, new optimizer, everything restored from the step-6 checkpoint.
+    train_tokenizer(micro_tokenizer_run(), split, resume=True)
+    a, b = read_losses(full), read_losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    assert a == b  # the next batches and the next losses are those of the uninterrupted run, bit for bit
+    final_a = load_checkpoint(full)
+    final_b = load_checkpoint(split)
+    for key in final_a["model"]:
+        torch.testing.assert_close(final_a["model"][key], final_b["model"][key], rtol=0, atol=0)
+        torch.testing.assert_close(final_a["ema"][key], final_b["ema"][key], rtol=0, atol=0)
+
+
+def test_checkpoint_contents_and_pruning(tmp_path):
+    train_tokenizer(micro_tokenizer_run("train.keep_checkpoints=2"), tmp_path)
+    ckpts = list_checkpoints(tmp_path)
+    assert [p.name for p in ckpts] == ["ckpt-00000012.pt", "ckpt-00000016.pt"]
+    state = load_checkpoint(ckpts[-1])
+    assert {"model", "ema", "optimizer", "rng", "step", "epoch", "batch_in_epoch", "config"} <= set(state)
+    assert state["step"] == 16 and state["epoch"] == 2 and state["batch_in_epoch"] == 0
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_loss_goes_down_when_overfitting(tmp_path):
+    run = micro_tokenizer_run("data.num_items=8", "train.epochs=150", "train.log_every=10", "train.ckpt_every=1000",
+                              "optim.lr=2e-3", "optim.warmup_epochs=5", "model.nested.enabled=false",
+                              "model.nested.full_drop_prob=0.0")
+    train_tokenizer(run, tmp_path)
+    losses = read_losses(tmp_path)
+    first, last = losses[10], losses[max(losses)]
+    assert last < 0.5 * first, (first, last)
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "semanticist_fast", *args], capture_output=True, text=True, **kw)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    overrides = MICRO_TOKENIZER + ["train.epochs=6", "train.ckpt_every=2"]
+    ref = tmp_path / "ref"
+    assert _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(ref), *overrides).returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "semanticist_fast", "train", "configs/tokenizer_tiny.yaml",
+                             "--out", str(out), *overrides], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(out)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list_checkpoints(out), "the run was killed before its first checkpoint"
+    r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(out), "--resume", *overrides)
+    assert r.returncode == 0, r.stderr
+    assert read_losses(out) == read_losses(ref)
+
+
+def test_config_typo_is_a_clear_error(tmp_path):
+    r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(tmp_path), "train.batch_sise=8")
+    assert r.returncode == 2
+    assert "train.batch_sise" in r.stderr and "batch_size" in r.stderr
+    r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(tmp_path), "model.codec.kind=vae")
+    assert r.returncode == 2 and "'pixel'" in r.stderr and "'kl16'" in r.stderr
+    assert not (tmp_path / "config.yaml").exists()  # nothing written for a config that does not load
+
+
+def test_resume_with_another_config_is_refused_and_loses_nothing(tmp_path):
+    train_tokenizer(micro_tokenizer_run(), tmp_path, stop_at_step=4)
+    before = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
+    r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(tmp_path), "--resume", *MICRO_TOKENIZER,
+             "model.decoder.hidden=64")
+    assert r.returncode == 2
+    assert "model.decoder.hidden" in r.stderr
+    assert {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)} == before
+    r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(tmp_path), *MICRO_TOKENIZER)
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_checkpoint_from_another_config_does_not_load(tmp_path):
+    from semanticist_fast.config import to_dict
+    from semanticist_fast.models.tokenizer import SemanticistTokenizer
+    from semanticist_fast.tokenizer import Tokenizer
+
+    train_tokenizer(micro_tokenizer_run(), tmp_path, stop_at_step=4)
+    path = list_checkpoints(tmp_path)[-1]
+    state = load_checkpoint(path)
+    other = micro_tokenizer_run("model.decoder.hidden=64")
+    state["config"] = to_dict(other)  # the file claims a config its weights were not trained with
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        Tokenizer.from_checkpoint(tmp_path / "bad.pt", device="cpu")
+    assert SemanticistTokenizer  # imported for the error path above
