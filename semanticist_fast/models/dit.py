@@ -52,9 +52,9 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = self.attn(dispatch.layernorm_modulate(x, shift_msa, scale_msa, 1e-6))
-        x = dispatch.gated_residual(x, gate_msa, h)
-        h = self.mlp(dispatch.layernorm_modulate(x, shift_mlp, scale_mlp, 1e-6))
-        return dispatch.gated_residual(x, gate_mlp, h)
+        # One pass adds the attention branch and normalises the result for the MLP.
+        x, h = dispatch.gated_residual_layernorm_modulate(x, gate_msa, h, shift_mlp, scale_mlp, 1e-6)
+        return dispatch.gated_residual(x, gate_mlp, self.mlp(h))
 
 
 class FinalLayer(nn.Module):

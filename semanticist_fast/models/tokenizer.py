@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..kernels import dispatch
 from .dit import DecoderConfig, SlotDiT
 from .latent_codec import CodecConfig, codec_geometry
 from .nested_dropout import NestedDropout, NestedDropoutConfig
@@ -45,13 +46,6 @@ class TokenizerConfig:
     repa: RepaConfig = field(default_factory=RepaConfig)
 
 
-def standardize_tokens(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-token standardisation over the token dims (unbiased std, as the reference; eps it lacked)."""
-    mean = tokens.mean(dim=-1, keepdim=True)
-    std = tokens.std(dim=-1, keepdim=True, unbiased=True)
-    return (tokens - mean) / (std + eps)
-
-
 class SemanticistTokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -66,7 +60,7 @@ class SemanticistTokenizer(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images in [0, 1] (B, 3, H, W) -> tokens (B, K, slot_dim), PCA-ordered."""
-        return standardize_tokens(self.encoder2slot(self.encoder(images)).float())
+        return dispatch.standardize_tokens(self.encoder2slot(self.encoder(images)).float())
 
     def condition(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Tokens with positions >= keep[b] replaced by the decoder's learned null slots."""

@@ -1,0 +1,79 @@
+"""AR sampling: the naive sampler (no KV cache, two head calls per SDE step, as the reference) against ours
+(static KV cache, one head call per step), on the same model, labels and seeds, in one run.
+
+    python benchmarks/bench_sample.py --ckpt runs/ar_tiny            # a trained AR checkpoint
+    python benchmarks/bench_sample.py --size L --batch 64 --device cuda  # random GPT-L weights, AR-L shapes
+
+Reports tokens->images/s of the token generation (the tokenizer decode is identical for both and is left out),
+their ratio, and the largest difference between the two samplers' tokens (same noise, so it should be ~0).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import describe_device, time_call, write_result  # noqa: E402
+from semanticist_fast.models.gpt import GPT, GPTConfig  # noqa: E402
+from semanticist_fast.sampling import generate  # noqa: E402
+
+
+def load_model(args, device) -> GPT:
+    if args.ckpt:
+        from semanticist_fast.sample_cli import load_ar
+        gpt, _ = load_ar(args.ckpt, str(device))
+        return gpt
+    cfg = GPTConfig(size=args.size) if args.size != "tiny" else GPTConfig(
+        size="custom", layers=4, heads=4, dim=128, head_width=128, head_depth=3, num_classes=10)
+    torch.manual_seed(0)
+    return GPT(cfg).to(device).eval()
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--size", default="tiny", choices=["tiny", "B", "L", "XL", "XXL"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--head-steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpt = load_model(args, device)
+    labels = torch.arange(args.batch, device=device) % gpt.num_classes
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def run(fast: bool):
+        generator = torch.Generator(device).manual_seed(0)
+        with autocast:
+            return generate(gpt, labels, args.cfg, "linear", 1.0, generator, args.head_steps,
+                            sampler="sde" if fast else "sde_naive", use_kv_cache=fast)
+
+    results = {}
+    for name, fast in (("naive", False), ("ours", True)):
+        times = time_call(lambda: run(fast), device, repeats=args.repeats)
+        best = min(times)
+        results[name] = {"seconds": best, "images_per_s": args.batch / best, "all_seconds": times}
+    diff = (run(True) - run(False)).abs().max().item()
+    record = {
+        "device": describe_device(device), "device_kind": device.type,
+        "model": args.ckpt or f"random GPT-{args.size}", "batch": args.batch, "head_steps": args.head_steps,
+        "cfg": args.cfg, "num_tokens": gpt.num_tokens, "bf16": args.bf16,
+        "naive": results["naive"], "ours": results["ours"],
+        "speedup": results["naive"]["seconds"] / results["ours"]["seconds"],
+        "max_abs_token_diff": diff,
+    }
+    print(f"{record['device']}: naive {results['naive']['images_per_s']:.2f} img/s, "
+          f"ours {results['ours']['images_per_s']:.2f} img/s, speedup x{record['speedup']:.2f}, "
+          f"max |token diff| {diff:.2e}")
+    if not args.no_write:
+        print("wrote", write_result("bench_sample", record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
