@@ -170,14 +170,14 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, device: torch.device, bf16: bool, compile: bool,
-                steps: int, warmup: int, seed: int) -> dict:
+def run_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, device: torch.device, bf16: bool,
+                use_compile: bool, steps: int, warmup: int, seed: int) -> dict:
     """Build the model (same seed for every variant), then time whole training steps on the fixed inputs."""
     set_fast_paths(optimised)
     torch.manual_seed(seed)
     task = work.make_task(device, frozen)
     model = task.model.train()
-    compiled = compile_blocks(model) if optimised and compile else 0
+    compiled = compile_blocks(model) if use_compile else 0
     lr, betas, wd = 1e-4, (0.9, 0.95), 0.05
     if optimised:
         optimizer = build_adamw(model, lr, betas, wd)
@@ -211,7 +211,7 @@ def run_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, de
     times = time_call(step, device, repeats=steps, warmup=0)
     peak = _peak_memory(device)
     seconds = median(times)
-    result = {
+    return {
         "compiled_blocks": compiled,
         "first_step_s": first,
         "step_s": seconds,
@@ -221,11 +221,13 @@ def run_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, de
         "peak_memory_bytes": peak,
         "first_step_loss": first_loss,
     }
-    del task, model, optimizer, ema
+
+
+def _release(device: torch.device) -> None:
+    """Free the last variant's model, optimizer state and EMA before the next one is measured."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def bench(work: Workload, device: torch.device, args) -> dict:
@@ -233,12 +235,13 @@ def bench(work: Workload, device: torch.device, args) -> dict:
     batch, frozen = work.make_inputs(device, work.batch, gen)
     gpu = device.type == "cuda"
     peak = peak_tflops(device, args.peak_tflops)
-    variants = {
-        "plain": run_variant(work, batch, frozen, False, device, gpu and not args.plain_fp32, False, args.steps,
-                             args.warmup, args.seed),
-        "optimised": run_variant(work, batch, frozen, True, device, gpu, not args.no_compile, args.steps, args.warmup,
-                                 args.seed),
-    }
+    variants = {}
+    for name, optimised in (("plain", False), ("optimised", True)):
+        bf16 = gpu and (optimised or not args.plain_fp32)
+        use_compile = optimised and not args.no_compile
+        variants[name] = run_variant(work, batch, frozen, optimised, device, bf16, use_compile, args.steps,
+                                     args.warmup, args.seed)
+        _release(device)
     for v in variants.values():
         v["mfu"] = v["tflops"] / peak if peak else None
     plain, opt = variants["plain"], variants["optimised"]
@@ -270,7 +273,8 @@ def _print(row: dict) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tokenizer-L", "ar-L", "tiny"], default="tiny")
-    p.add_argument("--batch", type=int, default=None, help="per-device batch (default: 64 tokenizer-L, 256 ar-L, 8 tiny)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="per-device batch (default: 64 tokenizer-L, 256 ar-L, 8 tiny)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU / 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 3 GPU / 1 CPU)")
     p.add_argument("--no-compile", action="store_true", help="optimised without torch.compile")

@@ -158,10 +158,13 @@ def ar_step(cfg: GPTConfig) -> dict[str, int]:
 
 
 def published_tokenizer_config() -> TokenizerConfig:
-    """ViT-B/16 encoder, DiT-L/2 decoder, KL-16 latents, REPA (configs/tokenizer_l.yaml)."""
+    """ViT-B/16 encoder, DiT-L/2 decoder, KL-16 latents, REPA (configs/tokenizer_l.yaml).
+
+    The codec path is a placeholder: only the latent geometry is read from it, no weights are loaded.
+    """
     return TokenizerConfig(image_size=256, encoder=EncoderConfig(size="base"),
                            decoder=DecoderConfig(size="L", patch_size=2),
-                           codec=CodecConfig(kind="kl16", path="unused-for-counting"))
+                           codec=CodecConfig(kind="kl16", path="unused"))
 
 
 def main() -> None:

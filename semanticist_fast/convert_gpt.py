@@ -12,21 +12,8 @@ from typing import Optional
 
 import torch
 
+from .convert import strip_prefixes
 from .models.gpt import GPT, GPT_SIZES, GPTConfig
-
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _strip_prefixes(key: str) -> str:
-    # torch.compile inserts "_orig_mod." and DDP "module.", possibly both and in either order.
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key.replace("._orig_mod.", ".")
-
 
 def _shape(sd: dict, key: str) -> tuple:
     if key not in sd:
@@ -90,7 +77,7 @@ def convert_gpt_state_dict(sd: dict, heads: Optional[int] = None) -> tuple[dict,
     """
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    ours = {_strip_prefixes(k): v for k, v in sd.items()}
+    ours = strip_prefixes(sd)
     config = infer_gpt_config(ours, heads)
     with torch.device("meta"):
         expected = GPT(config).state_dict()

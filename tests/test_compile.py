@@ -5,26 +5,29 @@ the inductor cache then serves the tokenizer step test the graphs the block test
 """
 import copy
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.utils.flop_counter as flop_counter
 from torch._dynamo.utils import counters
 
-from benchmarks import bench_train, flops
-from helpers import micro_tokenizer_run
-from semanticist_fast.engine.checkpoint import load_checkpoint
-from semanticist_fast.kernels import dispatch
-from semanticist_fast.kernels.compile import compile_blocks
-from semanticist_fast.models.dinov2 import small_test_dinov2
-from semanticist_fast.models.dit import DecoderConfig
-from semanticist_fast.models.gpt import GPT, GPTConfig
-from semanticist_fast.models.latent_codec import CodecConfig
-from semanticist_fast.models.tokenizer import SemanticistTokenizer, TokenizerConfig
-from semanticist_fast.models.vae_kl import AutoencoderKL, VAEConfig
-from semanticist_fast.models.vit import EncoderConfig
-from semanticist_fast.sampling import generate
-from semanticist_fast.train_tokenizer import train_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed: use the checkout's
+from benchmarks import bench_train, flops  # noqa: E402
+from helpers import micro_tokenizer_run  # noqa: E402
+from semanticist_fast.engine.checkpoint import load_checkpoint  # noqa: E402
+from semanticist_fast.kernels import dispatch  # noqa: E402
+from semanticist_fast.kernels.compile import compile_blocks  # noqa: E402
+from semanticist_fast.models.dinov2 import small_test_dinov2  # noqa: E402
+from semanticist_fast.models.dit import DecoderConfig  # noqa: E402
+from semanticist_fast.models.gpt import GPT, GPTConfig  # noqa: E402
+from semanticist_fast.models.latent_codec import CodecConfig  # noqa: E402
+from semanticist_fast.models.tokenizer import SemanticistTokenizer, TokenizerConfig  # noqa: E402
+from semanticist_fast.models.vae_kl import AutoencoderKL, VAEConfig  # noqa: E402
+from semanticist_fast.models.vit import EncoderConfig  # noqa: E402
+from semanticist_fast.sampling import generate  # noqa: E402
+from semanticist_fast.train_tokenizer import train_tokenizer  # noqa: E402
 
 # Two encoder blocks with drop-path rates 0 and 0.1 (two graphs), one DiT block, batch 8: the micro tokenizer.
 TOKENIZER_OVERRIDES = ("model.encoder.depth=2", "model.encoder.drop_path=0.1")
@@ -60,7 +63,7 @@ def graphs_built(fn) -> int:
     return counters["stats"]["unique_graphs"] - before
 
 
-def assert_same_training(compiled: torch.nn.Module, eager: torch.nn.Module, loss_fn, tol: float = 2e-5) -> None:
+def assert_same_training(compiled: torch.nn.Module, eager: torch.nn.Module, loss_fn, tol: float = 1e-4) -> None:
     """loss_fn(model) and every parameter gradient agree, with the same random draws on both sides."""
     torch.manual_seed(1)
     loss_c = loss_fn(compiled)
@@ -76,7 +79,8 @@ def assert_same_training(compiled: torch.nn.Module, eager: torch.nn.Module, loss
             assert grads_c[name].grad is None, name
             continue
         scale = max(p.grad.abs().max().item(), 1.0)
-        torch.testing.assert_close(grads_c[name].grad, p.grad, rtol=tol, atol=tol * scale, msg=name)
+        torch.testing.assert_close(grads_c[name].grad, p.grad, rtol=tol, atol=tol * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
         checked += 1
     assert checked > 0
 
@@ -159,8 +163,9 @@ def _losses(out) -> dict[int, float]:
 def test_tokenizer_training_with_compile_matches_eager(tmp_path):
     steps = 5  # the zero-initialised DiT needs a few updates before every block (and the encoder) gets gradients
     train_tokenizer(micro_tokenizer_run(*TOKENIZER_OVERRIDES), tmp_path / "eager", stop_at_step=steps)
-    train_tokenizer(micro_tokenizer_run(*TOKENIZER_OVERRIDES, "runtime.compile=true"), tmp_path / "compiled",
-                    stop_at_step=steps)
+    built = graphs_built(lambda: train_tokenizer(micro_tokenizer_run(*TOKENIZER_OVERRIDES, "runtime.compile=true"),
+                                                 tmp_path / "compiled", stop_at_step=steps))
+    assert built == 2 + 1 + 1  # as in the block test: the same shapes, so the inductor cache has them
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert sorted(eager) == sorted(compiled) == list(range(1, steps + 1))
     for step in eager:

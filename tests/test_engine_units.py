@@ -200,15 +200,15 @@ def test_strict_state_loading_names_keys():
     load_model_state(model, state)
     bad = dict(state)
     bad["2.weight"] = torch.ones(1)
-    with pytest.raises(ValueError, match=r"unexpected \(1\): 2\.weight"):
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): 2\.weight"):
         check_state_fits(model, bad)
     bad = dict(state)
     del bad["1.bias"]
-    with pytest.raises(ValueError, match=r"missing \(1\): 1\.bias"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\): 1\.bias"):
         load_model_state(model, bad)
     bad = dict(state)
     bad["0.weight"] = torch.ones(4, 2)
-    with pytest.raises(ValueError, match=r"0\.weight: checkpoint \(4, 2\) vs model \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"0\.weight: file \(4, 2\) vs model \(4, 3\)"):
         load_model_state(model, bad)
 
 

@@ -186,7 +186,7 @@ def test_vae_errors(tmp_path):
     weights = load_file(str(tmp_path / WEIGHTS_NAME))
     weights["extra.weight"] = weights.pop("encoder.conv_in.weight")
     save_file(weights, str(tmp_path / WEIGHTS_NAME))
-    with pytest.raises(ValueError, match=r"missing keys: \['encoder.conv_in.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\): encoder.conv_in.weight"):
         load_autoencoder_kl(str(tmp_path))
 
 
@@ -325,7 +325,7 @@ def test_dinov2_errors(tmp_path):
     bad["register_tokens"] = torch.zeros(1, 4, 32)
     bad["blocks.0.ls1.scale"] = bad.pop("blocks.0.ls1.gamma")
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"missing keys: \['blocks.0.ls1.gamma'\]") as err:
+    with pytest.raises(ValueError, match=r"missing keys \(1\): blocks.0.ls1.gamma") as err:
         load_dinov2(str(tmp_path / "bad.pth"), config=model.config)
     assert "register_tokens" in str(err.value)
     torch.save(sd, tmp_path / "good.pth")

@@ -75,14 +75,15 @@ def load_model_state(model: torch.nn.Module, state: dict, what: str = "checkpoin
 
 
 def check_state_fits(model: torch.nn.Module, state: dict, what: str = "checkpoint") -> None:
+    """Raise a ValueError naming every missing, unexpected and wrongly shaped key of `state` for `model`."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        lines = [f"the {what} does not fit this model (was it trained with a different config?)"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        lines = [f"the {what} does not fit this model (was it made with a different config?)"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
             if items:
                 lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
         raise ValueError("\n".join(lines))

@@ -4,10 +4,10 @@ Blocks of one kind share their code, so dynamo traces a graph once per kind and 
 compile time is that of a few blocks, and the glue between blocks (embeddings, nested dropout, the C++ token
 ops, the losses) stays eager. Shapes are static (dynamic=False): a training run never changes them.
 
-Dynamo specialises a graph on the Python numbers a block reads, and the encoder's stochastic-depth rate ramps
-over depth, so the ViT needs one graph per distinct rate (12 for ViT-B in training; 1 when drop_path=0). The
-per-function recompile limit is raised to cover that; otherwise, with fullgraph=True, the ninth encoder block
-would fail to compile.
+Dynamo specialises a graph on the Python values a block reads. Stochastic depth keeps its rate in a tensor, so
+the ViT's ramp costs two encoder graphs (rate 0 for the first block, rate > 0 for the rest), not one per depth;
+train/eval and grad/no-grad are further variants. The per-function recompile limit is raised to cover them, so
+fullgraph=True never trips over it.
 
 `Module.compile` leaves the module tree, parameter names and the state dict as they were. Deepcopy drops what
 it installs, so the trainer's EMA copy (previews, checkpoints' "ema") runs eagerly.

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.checkpoint import check_state_fits
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -196,19 +198,7 @@ def load_dinov2(path: str, device: torch.device | str | None = None, config: Din
     """Frozen eval-mode DINOv2 from a local state dict; default config is ViT-B/14 (dinov2_vitb14_pretrain.pth)."""
     model = DinoV2(config or DinoV2Config())
     state_dict = _normalise_keys(_read_state_dict(path), model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"DINOv2 state dict at {path!r} does not match {model.config}:\n"
-            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {mismatched}"
-        )
+    check_state_fits(model, state_dict, what=f"DINOv2 state dict {path!r} ({model.config})")
     model.load_state_dict(state_dict, strict=True)
     model.requires_grad_(False).eval()
     return model.to(device) if device is not None else model

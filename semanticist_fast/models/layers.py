@@ -52,13 +52,15 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        self.p = p
+        self.active = p > 0.0
+        # A tensor, not a Python float: torch.compile would specialise a graph on every distinct rate of the ramp.
+        self.register_buffer("keep_prob", torch.tensor(1.0 - p), persistent=False)
 
     def forward(self, x):
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) < self.keep_prob
+        return x * keep.to(x.dtype) / self.keep_prob.to(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

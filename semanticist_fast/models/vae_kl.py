@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.checkpoint import check_state_fits
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _EPS = 1e-6
@@ -291,19 +293,7 @@ def load_autoencoder_kl(
         cfg = VAEConfig.from_dict(json.load(f))
     model = AutoencoderKL(cfg)
     state_dict = _rename_legacy_keys(load_file(weights_path))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"VAE weights in {path!r} do not match config {cfg}:\n"
-            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {mismatched}"
-        )
+    check_state_fits(model, state_dict, what=f"VAE weights in {path!r} ({cfg})")
     model.load_state_dict(state_dict, strict=True)
     model.requires_grad_(False).eval()
     return model.to(device=device, dtype=dtype), cfg.scaling_factor
