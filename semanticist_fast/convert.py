@@ -125,7 +125,9 @@ def convert_gpt(state: dict, overrides: Optional[list[str]] = None) -> dict:
     from .convert_gpt import convert_gpt_state_dict
     from .train_ar import ARRun
 
-    ours, gpt_cfg = convert_gpt_state_dict(state)
+    # Head counts do not show in shapes: named sizes supply them, `model.heads=N` does for other sizes.
+    heads = next((int(o.split("=", 1)[1]) for o in overrides or [] if o.startswith("model.heads=")), None)
+    ours, gpt_cfg = convert_gpt_state_dict(state, heads)
     raw = apply_overrides({"model": to_dict(gpt_cfg)}, overrides or [], ARRun)
     run = from_dict(ARRun, raw)
     return {"kind": "autoregressive", "config": to_dict(run), "model": ours, "ema": ours, "step": 0, "epoch": 0,

@@ -2,18 +2,17 @@
 
 Our parameter names are the official ones, so conversion strips wrapper prefixes, infers the architecture from
 the tensor shapes and checks the key set strictly against a model built from that config.
-
-    python -m semanticist_fast.convert_gpt custom_checkpoint_1.pkl gpt_l.pt
+Used by `semanticist-fast convert` (semanticist_fast/convert.py).
 """
-import argparse
 import re
-from dataclasses import asdict
 from typing import Optional
 
 import torch
 
 from .convert import strip_prefixes
+from .engine.checkpoint import check_state_fits
 from .models.gpt import GPT, GPT_SIZES, GPTConfig
+
 
 def _shape(sd: dict, key: str) -> tuple:
     if key not in sd:
@@ -80,35 +79,6 @@ def convert_gpt_state_dict(sd: dict, heads: Optional[int] = None) -> tuple[dict,
     ours = strip_prefixes(sd)
     config = infer_gpt_config(ours, heads)
     with torch.device("meta"):
-        expected = GPT(config).state_dict()
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(ours[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in ours and tuple(ours[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        lines = [f"official GPT checkpoint does not match the inferred config {config}"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + "; ".join(items))
-        raise ValueError("\n".join(lines))
-    return {k: ours[k] for k in expected}, config
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="official checkpoint (.pkl/.pth state dict, or .safetensors)")
-    parser.add_argument("dst", help="output .pt holding {'model': state_dict, 'gpt_config': dict}")
-    parser.add_argument("--heads", type=int, default=None, help="attention heads, for non-standard sizes")
-    args = parser.parse_args(argv)
-    if args.src.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(args.src)
-    else:
-        sd = torch.load(args.src, map_location="cpu", weights_only=True)
-    ours, config = convert_gpt_state_dict(sd, args.heads)
-    torch.save({"model": ours, "gpt_config": asdict(config)}, args.dst)
-    print(f"converted {len(ours)} tensors, config {config}")
-
-
-if __name__ == "__main__":
-    main()
+        model = GPT(config)
+    check_state_fits(model, ours, what=f"official GPT checkpoint (inferred config {config})")
+    return {k: ours[k] for k in model.state_dict()}, config

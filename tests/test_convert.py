@@ -251,3 +251,25 @@ def test_read_state_dict_safetensors_and_half_precision(tmp_path):
         assert torch.equal(converted["model"][name], state[name].float())
     with pytest.raises(FileNotFoundError):
         read_state_dict(tmp_path / "missing.pth")
+
+
+def test_cli_converts_a_gpt_checkpoint_of_custom_size(tmp_path):
+    """An official-layout GPT state dict (wrapped, prefixed) -> `semanticist-fast convert` -> the AR loader."""
+    from semanticist_fast.models.gpt import GPT, GPTConfig
+    from semanticist_fast.sample_cli import load_ar
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(size="custom", layers=2, heads=4, dim=64, num_tokens=6, num_classes=10, head_width=32,
+                    head_depth=2)
+    gpt = GPT(cfg).eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in gpt.state_dict().items()}}, tmp_path / "official.pth")
+    r = subprocess.run([sys.executable, "-m", "semanticist_fast", "convert", str(tmp_path / "official.pth"),
+                        str(tmp_path / "ours.pt"), "--kind", "gpt", "model.heads=4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    loaded, run = load_ar(tmp_path / "ours.pt", "cpu")
+    assert run.model.resolved() == (2, 4, 64) and run.model.num_tokens == 6
+    labels, tokens = torch.tensor([1, 7]), torch.randn(2, 5, 16)
+    torch.testing.assert_close(loaded(labels, tokens), gpt(labels, tokens), rtol=0, atol=0)
+    r = subprocess.run([sys.executable, "-m", "semanticist_fast", "convert", str(tmp_path / "official.pth"),
+                        str(tmp_path / "x.pt"), "--kind", "gpt"], capture_output=True, text=True)
+    assert r.returncode == 2 and "head" in r.stderr  # a custom size needs its head count

@@ -1,6 +1,5 @@
 """The training loop: exact resume, crash safety, clear errors, and a loss that goes down."""
 import json
-import os
 import signal
 import subprocess
 import sys

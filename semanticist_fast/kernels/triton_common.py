@@ -10,7 +10,6 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
 
 @triton.jit
