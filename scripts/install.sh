@@ -10,5 +10,6 @@ $PIP torch==2.13.0 numpy pyyaml tqdm tensorboard safetensors pillow setuptools w
 if [[ "${1:-}" == "--dev" ]]; then
   $PIP -r requirements-dev.txt
 fi
-# The extension builds against the torch just installed, hence no build isolation.
-$PIP --no-build-isolation -e .
+# The extension builds against the torch just installed, hence no build isolation; --use-pep517 because
+# setuptools' legacy `setup.py develop` now re-invokes pip with isolation, where torch is missing.
+$PIP --no-build-isolation --use-pep517 -e .
