@@ -1,9 +1,10 @@
 """Packaging for semanticist-fast; builds the optional C++/CUDA extension semanticist_fast._C with CMake.
 
-The extension compiles against the torch already installed, so build without isolation:
+The extension compiles against the torch already installed (an isolated build finds it through the
+interpreter that ran pip, and never installs a torch of its own):
 
-    pip install -c constraints.txt --no-build-isolation -e .     # this dev machine (CPU torch pinned)
-    pip install --no-build-isolation -e .                          # a CUDA machine with its own torch
+    pip install -c constraints.txt torch==2.13.0 && pip install -c constraints.txt -e .   # this CPU machine
+    pip install -e .                                                                       # a CUDA machine with its own torch
     python setup.py build_ext --inplace                            # extension only, in the source tree
 
 Environment:
@@ -28,16 +29,41 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def outer_environment() -> dict:
+    """The environment of the interpreter that ran pip. An isolated build (plain `pip install -e .`) hides the
+    installed packages behind PYTHONPATH; the extension must build against the torch the user installed, not
+    pull a new one into the build environment."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def torch_cmake_prefix(env: dict) -> str:
+    try:
+        import torch
+
+        return torch.utils.cmake_prefix_path
+    except ImportError:
+        pass
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.utils.cmake_prefix_path)"],
+                           env=env, capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise RuntimeError(
+            "semanticist-fast builds its C++ extension against the installed torch, and none was found for "
+            f"{sys.executable}. Install torch first (on this CPU machine: pip install -c constraints.txt "
+            "torch==2.13.0), or set SEMANTICIST_NO_EXT=1 to install without the extension.")
+    return probe.stdout.strip().splitlines()[-1]
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        import torch  # deferred: only an extension build needs it (hence --no-build-isolation)
-
+        env = outer_environment()
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DCMAKE_PREFIX_PATH={torch_cmake_prefix(env)}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
         ]
@@ -47,8 +73,8 @@ class CMakeBuild(build_ext):
         if os.environ.get("SEMANTICIST_CUDA_ARCHITECTURES"):
             args.append(f"-DSEMANTICIST_CUDA_ARCHITECTURES={os.environ['SEMANTICIST_CUDA_ARCHITECTURES']}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
-        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True, env=env)
 
 
 ext_modules = [] if os.environ.get("SEMANTICIST_NO_EXT") == "1" else [CMakeExtension("semanticist_fast._C")]

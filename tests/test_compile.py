@@ -39,10 +39,11 @@ def _compile_env(monkeypatch):
     # One thread: the thread count is part of every graph's guards, and toy shapes only lose to more threads.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    # Random ops in compiled graphs draw from the eager generator in eager order, so dropout matches exactly.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
-    yield
+    # Random ops in compiled graphs draw from the eager generator in eager order, so dropout matches exactly.
+    # (config.patch, not monkeypatch: undoing a monkeypatch deletes the key from inductor's config module.)
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
     torch._dynamo.reset()
     dispatch.set_fast_paths(True)
     torch.set_num_threads(threads)
@@ -112,25 +113,25 @@ def test_compile_blocks_counts_and_keeps_the_module_tree():
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
-def test_tokenizer_blocks_compiled_match_eager(fast, monkeypatch):
+def test_tokenizer_blocks_compiled_match_eager(fast):
     dispatch.set_fast_paths(fast)  # on: the split slot attention and the C++ token ops between the blocks
     # compile_blocks must raise the limit itself: the two drop-path rates need two encoder graphs.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    model = micro_tokenizer()
-    eager = copy.deepcopy(model)
-    compile_blocks(model)  # fullgraph=True: any graph break raises
-    g = torch.Generator().manual_seed(2)
-    images = torch.rand(BATCH, 3, 16, 16, generator=g)
-    keep = torch.randint(0, model.num_slots + 1, (BATCH,), generator=g)
-    x_t, t = torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 1000, (BATCH,), generator=g)
-    weight = torch.randn(BATCH, 6, 16, 16, generator=g)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model = micro_tokenizer()
+        eager = copy.deepcopy(model)
+        compile_blocks(model)  # fullgraph=True: any graph break raises
+        g = torch.Generator().manual_seed(2)
+        images = torch.rand(BATCH, 3, 16, 16, generator=g)
+        keep = torch.randint(0, model.num_slots + 1, (BATCH,), generator=g)
+        x_t, t = torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 1000, (BATCH,), generator=g)
+        weight = torch.randn(BATCH, 6, 16, 16, generator=g)
 
-    def loss(m):
-        cond = m.condition(m.encode(images), keep)
-        return (m.dit(x_t, t, cond) * weight).sum()
+        def loss(m):
+            cond = m.condition(m.encode(images), keep)
+            return (m.dit(x_t, t, cond) * weight).sum()
 
-    built = graphs_built(lambda: assert_same_training(model, eager, loss))
-    assert built == 2 + 1 + 1  # one per drop-path rate, one DiT block graph, the final layer
+        built = graphs_built(lambda: assert_same_training(model, eager, loss))
+        assert built == 2 + 1 + 1  # one per drop-path rate, one DiT block graph, the final layer
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
