@@ -35,6 +35,7 @@ def outer_environment() -> dict:
     pull a new one into the build environment."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
+    env.pop("PYTHONNOUSERSITE", None)  # a torch installed with --user counts too
     return env
 
 

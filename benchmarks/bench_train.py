@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import flops  # noqa: E402
 from benchmarks.common import describe_device, sync, time_call, write_result  # noqa: E402
-from semanticist_fast.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from semanticist_fast.engine.ema import EMA  # noqa: E402
 from semanticist_fast.engine.optim import build_adamw, param_groups  # noqa: E402
 from semanticist_fast.kernels.compile import compile_blocks  # noqa: E402
@@ -39,7 +38,7 @@ from semanticist_fast.kernels.dispatch import fast_paths_enabled, set_fast_paths
 from semanticist_fast.models.dit import DecoderConfig  # noqa: E402
 from semanticist_fast.models.gpt import GPTConfig  # noqa: E402
 from semanticist_fast.models.latent_codec import CodecConfig, codec_geometry  # noqa: E402
-from semanticist_fast.models.tokenizer import SemanticistTokenizer, TokenizerConfig  # noqa: E402
+from semanticist_fast.models.tokenizer import TokenizerConfig  # noqa: E402
 from semanticist_fast.models.vit import EncoderConfig  # noqa: E402
 from semanticist_fast.train_ar import ARRun, ARTask  # noqa: E402
 from semanticist_fast.train_tokenizer import TokenizerRun, TokenizerTask  # noqa: E402
@@ -67,13 +66,8 @@ class SyntheticTokenizerTask(TokenizerTask):
 
     def __init__(self, run: TokenizerRun, device: torch.device, latents: torch.Tensor,
                  target: Optional[torch.Tensor]):
-        cfg = run.model
-        self.run, self.device = run, device
-        self.codec = FixedOutput(latents)
-        self.teacher = FixedOutput(target) if target is not None else None
-        self.model = SemanticistTokenizer(cfg).to(device)
-        self.diffusion = GaussianDiffusion.create(cfg.diffusion.num_timesteps, cfg.diffusion.noise_schedule,
-                                                  learn_sigma=cfg.decoder.learn_sigma).to(device)
+        super().__init__(run, device, None, codec=FixedOutput(latents),
+                         teacher=FixedOutput(target) if target is not None else None)
 
 
 @dataclass
@@ -194,7 +188,7 @@ def run_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, de
         torch.nn.utils.clip_grad_norm_(params, work.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        ema.update()
         return loss
 
     # The first step compiles (optimised) and allocates the optimizer state: timed apart, as the start-up cost.

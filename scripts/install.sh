@@ -2,7 +2,7 @@
 # Installs semanticist-fast into the current Python environment on a fresh machine.
 #   bash scripts/install.sh          runtime (CPU torch 2.13.0, pinned) + the C++ extension
 #   bash scripts/install.sh --dev    also the test dependencies
-# On a CUDA machine, install your torch first, then: pip install --no-build-isolation -e .
+# On a CUDA machine, install your torch first, then: pip install -e .
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip install -q -c constraints.txt"
@@ -10,6 +10,6 @@ $PIP torch==2.13.0 numpy pyyaml tqdm tensorboard safetensors pillow setuptools w
 if [[ "${1:-}" == "--dev" ]]; then
   $PIP -r requirements-dev.txt
 fi
-# The extension builds against the torch just installed, hence no build isolation; --use-pep517 because
-# setuptools' legacy `setup.py develop` now re-invokes pip with isolation, where torch is missing.
+# The extension builds against the torch just installed. No build isolation: nothing to fetch for the build
+# (setup.py copes with isolation too); --use-pep517 skips setuptools' deprecated `setup.py develop` path.
 $PIP --no-build-isolation --use-pep517 -e .

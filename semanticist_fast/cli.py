@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
     kind, run_cls, train_fn = _train_target(args.config)
     run = load_config(run_cls, args.config, args.overrides)
     if args.resume and (latest := latest_checkpoint(out)) is not None:
-        saved = load_checkpoint(latest)["config"]
+        saved = load_checkpoint(latest, mmap=True)["config"]
         diffs = _config_differences(saved, to_dict(run), sections=("model", "data", "optim"))
         if diffs:
             raise ConfigError(f"cannot resume {out}: its checkpoint was trained with a different config:\n  "
@@ -84,12 +84,13 @@ def cmd_reconstruct(args) -> int:
     import torch
 
     from .data.build import build_dataset, load_images
-    from .eval.grid import save_grid
+    from .eval.grid import save_grid, token_counts
     from .eval.metrics import mse, psnr
     from .tokenizer import Tokenizer
 
     tok = Tokenizer.from_checkpoint(args.ckpt, device=args.device, codec_path=args.codec_path)
-    counts = _parse_tokens(args.tokens, tok.model.num_slots)
+    num_slots = tok.model.num_slots
+    counts = _parse_tokens(args.tokens, num_slots) if args.tokens else token_counts(num_slots)
     if args.images:
         images = load_images(args.images, tok.cfg.image_size)
     else:
@@ -97,19 +98,20 @@ def cmd_reconstruct(args) -> int:
         from .data.build import DataConfig
         from .engine.checkpoint import load_checkpoint
 
-        data_cfg = from_dict(DataConfig, load_checkpoint(args.ckpt)["config"]["data"], prefix="data.")
+        config = load_checkpoint(args.ckpt, mmap=True)["config"]
+        data_cfg = from_dict(DataConfig, config["data"], prefix="data.")
         if data_cfg.dataset != "procedural":
             raise SystemExit("error: this checkpoint was not trained on the built-in data: pass image files to reconstruct")
-        val = build_dataset(data_cfg, tok.cfg.image_size, "val")
+        val = build_dataset(data_cfg, tok.cfg.image_size, "val", seed=config["train"]["seed"])  # the previews' images
         images = torch.stack([val[i][0] for i in range(min(args.num_images, len(val)))])
+    batches = list(images.split(args.batch_size))
+    tokens = [tok.encode(batch) for batch in batches]
     results, rows = [], [images]
     for k in counts:
         recs = []
-        for start in range(0, images.shape[0], args.batch_size):
-            batch = images[start:start + args.batch_size]
-            generator = torch.Generator(tok.device).manual_seed(args.seed + start)
-            recs.append(tok.decode(tok.encode(batch), num_tokens=k, cfg=args.cfg, steps=args.steps,
-                                   generator=generator).cpu())
+        for i, batch_tokens in enumerate(tokens):
+            generator = torch.Generator(tok.device).manual_seed(args.seed + i * args.batch_size)
+            recs.append(tok.decode(batch_tokens, num_tokens=k, cfg=args.cfg, steps=args.steps, generator=generator).cpu())
         rec = torch.cat(recs)
         rows.append(rec)
         results.append({"tokens": k, "mse": mse(rec, images).mean().item(), "psnr": psnr(rec, images).mean().item()})
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="reconstruct images from their first k tokens and report MSE / PSNR")
     r.add_argument("ckpt", help="checkpoint file or run directory")
     r.add_argument("images", nargs="*", help="image files (default: held-out built-in images)")
-    r.add_argument("--tokens", default="1,4,16,all")
+    r.add_argument("--tokens", default=None, help="token counts, e.g. 1,4,16,all (default: 1, 2, 4, ... all)")
     r.add_argument("--out", default=None, help="PNG grid path")
     r.add_argument("--metrics-json", default=None)
     r.add_argument("--num-images", type=int, default=64)
@@ -175,13 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ckpt")
     s.add_argument("--classes", default="0,1")
     s.add_argument("--per-class", type=int, default=4)
-    s.add_argument("--cfg", type=float, default=4.0)
-    s.add_argument("--cfg-schedule", choices=["linear", "constant"], default="linear")
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--head-steps", type=int, default=None)
-    s.add_argument("--sampler", choices=["sde", "ode"], default="sde")
-    s.add_argument("--decoder-cfg", type=float, default=None)
-    s.add_argument("--decoder-steps", default=None)
+    # Unset sampling options take the values of the checkpoint's `sample` section.
+    s.add_argument("--cfg", type=float, default=None, help="class guidance scale")
+    s.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None)
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--head-steps", type=int, default=None, help="diffusion-head sampling steps per token")
+    s.add_argument("--sampler", choices=["sde", "ode"], default=None)
+    s.add_argument("--decoder-cfg", type=float, default=None, help="tokenizer decoder guidance scale")
+    s.add_argument("--decoder-steps", default=None, help="tokenizer decoder steps, e.g. 250 or ddim25")
     s.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the AR model was trained on)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=64)
@@ -203,10 +206,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError; named for the reader
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -56,9 +56,12 @@ def read_state_dict(path: Path) -> dict:
     return strip_prefixes(state)
 
 
-def _count_blocks(state: dict, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
+def count_blocks(state: dict, prefix: str) -> int:
+    """The number of blocks `prefix{i}.` in state; they must be numbered 0..n-1."""
+    indices = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+    if indices != set(range(len(indices))):
+        raise ValueError(f"checkpoint blocks {prefix}N are not numbered 0..n-1: {sorted(indices)}")
+    return len(indices)
 
 
 def _named(sizes: dict, match, what: str):
@@ -80,8 +83,8 @@ def infer_tokenizer_config(state: dict) -> dict:
         out_dim = state["dit.final_layer.linear.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"not a Semanticist tokenizer state dict: missing {e}") from None
-    enc_depth = _count_blocks(state, "encoder.blocks.")
-    dit_depth = _count_blocks(state, "dit.blocks.")
+    enc_depth = count_blocks(state, "encoder.blocks.")
+    dit_depth = count_blocks(state, "dit.blocks.")
     image_size = int(round((enc_tokens - 1 - num_slots) ** 0.5)) * patch
     latent_size = int(round(dit_tokens ** 0.5)) * dit_patch
     enc_name, (_, _, enc_heads, _) = _named(ENCODER_SIZES, lambda s: s[0] == enc_dim, f"encoder width {enc_dim}")
@@ -123,13 +126,18 @@ def convert_tokenizer(state: dict, overrides: Optional[list[str]] = None) -> dic
 
 def convert_gpt(state: dict, overrides: Optional[list[str]] = None) -> dict:
     from .convert_gpt import convert_gpt_state_dict
+    from .models.gpt import GPT
     from .train_ar import ARRun
 
     # Head counts do not show in shapes: named sizes supply them, `model.heads=N` does for other sizes.
-    heads = next((int(o.split("=", 1)[1]) for o in overrides or [] if o.startswith("model.heads=")), None)
-    ours, gpt_cfg = convert_gpt_state_dict(state, heads)
+    heads = next((o.split("=", 1)[1] for o in overrides or [] if o.startswith("model.heads=")), None)
+    if heads is not None and not heads.isdigit():
+        raise ValueError(f"model.heads={heads}: expected a positive integer, e.g. model.heads=16")
+    ours, gpt_cfg = convert_gpt_state_dict(state, None if heads is None else int(heads))
     raw = apply_overrides({"model": to_dict(gpt_cfg)}, overrides or [], ARRun)
     run = from_dict(ARRun, raw)
+    with torch.device("meta"):  # the overrides may have changed a shape
+        check_state_fits(GPT(run.model), ours, what=f"official GPT checkpoint with {' '.join(overrides or [])}")
     return {"kind": "autoregressive", "config": to_dict(run), "model": ours, "ema": ours, "step": 0, "epoch": 0,
             "batch_in_epoch": 0, "converted_from": "official"}
 

@@ -4,12 +4,11 @@ Our parameter names are the official ones, so conversion strips wrapper prefixes
 the tensor shapes and checks the key set strictly against a model built from that config.
 Used by `semanticist-fast convert` (semanticist_fast/convert.py).
 """
-import re
 from typing import Optional
 
 import torch
 
-from .convert import strip_prefixes
+from .convert import count_blocks, strip_prefixes
 from .engine.checkpoint import check_state_fits
 from .models.gpt import GPT, GPT_SIZES, GPTConfig
 
@@ -20,13 +19,6 @@ def _shape(sd: dict, key: str) -> tuple:
     return tuple(sd[key].shape)
 
 
-def _count(sd: dict, pattern: str) -> int:
-    indices = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
-    if indices != set(range(len(indices))):
-        raise ValueError(f"checkpoint blocks matching {pattern!r} are not numbered 0..n-1: {sorted(indices)}")
-    return len(indices)
-
-
 def infer_gpt_config(sd: dict, heads: Optional[int] = None) -> GPTConfig:
     """The GPTConfig whose parameter shapes match the (prefix-free) state dict sd.
 
@@ -34,7 +26,7 @@ def infer_gpt_config(sd: dict, heads: Optional[int] = None) -> GPTConfig:
     or must be given.
     """
     num_classes_plus_null, dim = _shape(sd, "cls_embedding.embedding_table.weight")
-    layers = _count(sd, r"layers\.(\d+)\.")
+    layers = count_blocks(sd, "layers.")
     size = next((name for name, (l, _, d) in GPT_SIZES.items() if (l, d) == (layers, dim)), "custom")
     if heads is None:
         if size == "custom":
@@ -61,7 +53,7 @@ def infer_gpt_config(sd: dict, heads: Optional[int] = None) -> GPTConfig:
         num_tokens=num_tokens,
         num_classes=num_classes_plus_null - 1,
         head_width=width,
-        head_depth=_count(sd, r"diffloss\.net\.res_blocks\.(\d+)\."),
+        head_depth=count_blocks(sd, "diffloss.net.res_blocks."),
         head_cond="concat" if mlp_in == 2 * width else "adaln",
         head_objective=objective,
         # The reference samples flow heads with 250 SDE steps and DDPM heads with 100 respaced steps.

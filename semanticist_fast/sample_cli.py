@@ -14,7 +14,7 @@ def load_ar(ckpt, device: str):
     from .models.gpt import GPT
     from .train_ar import ARRun
 
-    state = load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt, mmap=True)
     if state.get("kind") != "autoregressive":
         raise ValueError(f"{ckpt} is a {state.get('kind')!r} checkpoint, not an autoregressive one")
     run = from_dict(ARRun, state["config"])
@@ -45,10 +45,10 @@ def run_sample(args) -> int:
     gpt, run = load_ar(args.ckpt, device)
     classes = parse_classes(args.classes, gpt.num_classes)
     tokenizer = Tokenizer.from_checkpoint(args.tokenizer or run.tokenizer, device=device)
-    s = replace(run.sample, cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                head_steps=args.head_steps or run.sample.head_steps, sampler=args.sampler,
-                decoder_cfg=args.decoder_cfg if args.decoder_cfg is not None else run.sample.decoder_cfg,
-                decoder_steps=args.decoder_steps or run.sample.decoder_steps)
+    # Every option left unset falls back to the run's `sample` section.
+    given = {name: getattr(args, name) for name in ("cfg", "cfg_schedule", "temperature", "head_steps", "sampler",
+                                                    "decoder_cfg", "decoder_steps")}
+    s = replace(run.sample, **{name: value for name, value in given.items() if value is not None})
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=device)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = []

@@ -43,11 +43,12 @@ def generate(gpt: GPT, labels: torch.Tensor, cfg_scale: float = 1.0,
     if use_kv_cache:
         cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else in_dtype
         gpt.setup_caches(all_labels.shape[0], cache_dtype, device)
+        positions = torch.arange(num_tokens, device=device)  # built once: no host-to-device copy per token
     try:
         for k in range(num_tokens):
             if use_kv_cache:
                 prev = None if k == 0 else tokens[:, k - 1:k]
-                pos = torch.tensor([k], device=device)
+                pos = positions[k:k + 1]
             else:
                 prev = None if k == 0 else tokens[:, :k]
                 pos = None

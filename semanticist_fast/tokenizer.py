@@ -23,7 +23,7 @@ class Tokenizer:
     def from_checkpoint(cls, path: Union[str, Path], device: Optional[str] = None, use_ema: bool = True,
                         codec_path: Optional[str] = None) -> "Tokenizer":
         """Load a training checkpoint (or a run directory: its newest checkpoint), EMA weights by default."""
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, mmap=True)
         if state.get("kind") != "tokenizer":
             raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint, not a tokenizer checkpoint")
         model_cfg = dict(state["config"]["model"])
@@ -58,13 +58,15 @@ class Tokenizer:
     def decode(self, tokens: torch.Tensor, num_tokens: Optional[int] = None, cfg: Optional[float] = None,
                steps: Optional[str] = None, generator: Optional[torch.Generator] = None, progress: bool = False) -> torch.Tensor:
         """tokens (B, K', D) with K' <= K -> images in [0, 1]. Only the first num_tokens are used; the rest are null."""
-        K = self.model.num_slots
+        K, given = self.model.num_slots, tokens.shape[1]
+        if given > K:
+            raise ValueError(f"this tokenizer has {K} slots, got {given} tokens per image")
+        k = given if num_tokens is None else int(num_tokens)
+        if not 0 <= k <= given:
+            raise ValueError(f"num_tokens must be in [0, {given}] for {given} given tokens, got {k}")
         tokens = tokens.to(self.device, torch.float32)
-        if tokens.shape[1] < K:  # a prefix (e.g. from the AR model): pad; the padding is replaced by null below
-            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], K - tokens.shape[1], tokens.shape[2])], dim=1)
-        k = tokens.shape[1] if num_tokens is None else int(num_tokens)
-        if not 0 <= k <= K:
-            raise ValueError(f"num_tokens must be in [0, {K}], got {k}")
+        if given < K:  # a prefix (e.g. from the AR model): pad; prefix_condition nulls every slot from k on
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], K - given, tokens.shape[2])], dim=1)
         cond = self.model.prefix_condition(tokens, k)
         cfg = self.cfg.diffusion.cfg if cfg is None else cfg
         diffusion, method = self._sampler(str(steps or self.cfg.diffusion.sample_steps))

@@ -8,7 +8,8 @@ import torch
 
 from .config import to_dict
 from .data.build import DataConfig, build_dataset
-from .data.token_cache import CacheConfig, TokenCache, build_token_cache, resolve_checkpoint_file
+from .data.token_cache import CacheConfig, TokenCache, build_token_cache
+from .engine.checkpoint import resolve_checkpoint
 from .engine.trainer import OptimConfig, TrainConfig, Trainer, resolve_device
 from .eval.grid import save_grid
 from .kernels.dispatch import set_fast_paths
@@ -54,7 +55,7 @@ def prepare_cache(run: ARRun, out_dir: Path, device: torch.device, stop_after_sh
     """Build (or reuse, or resume) the token cache this run needs; returns (cache dir, tokenizer)."""
     from .tokenizer import Tokenizer
 
-    tokenizer_file = resolve_checkpoint_file(run.tokenizer)
+    tokenizer_file = resolve_checkpoint(run.tokenizer)
     tokenizer = Tokenizer.from_checkpoint(tokenizer_file, device=str(device))
     if run.model.token_dim != tokenizer.model.cfg.encoder.slot_dim:
         raise ValueError(f"model.token_dim={run.model.token_dim} but the tokenizer's slots have "

@@ -2,7 +2,7 @@
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -40,18 +40,20 @@ class TokenizerRun:
 class TokenizerTask:
     kind = "tokenizer"
 
-    def __init__(self, run: TokenizerRun, device: torch.device, preview_batch: torch.Tensor):
+    def __init__(self, run: TokenizerRun, device: torch.device, preview_batch: Optional[torch.Tensor],
+                 codec: Optional[torch.nn.Module] = None, teacher: Optional[torch.nn.Module] = None):
+        """codec / teacher: frozen modules to use instead of the configured ones (benchmarks pass stand-ins)."""
         cfg = run.model
         self.run, self.device = run, device
-        self.codec = build_codec(cfg.codec).to(device)
+        self.codec = build_codec(cfg.codec).to(device) if codec is None else codec
         self.model = SemanticistTokenizer(cfg).to(device)
         self.diffusion = GaussianDiffusion.create(cfg.diffusion.num_timesteps, cfg.diffusion.noise_schedule,
                                                   learn_sigma=cfg.decoder.learn_sigma).to(device)
-        self.teacher = None
-        if cfg.repa.teacher_path:
+        self.teacher = teacher
+        if teacher is None and cfg.repa.teacher_path:
             from .models.dinov2 import load_dinov2
             self.teacher = load_dinov2(cfg.repa.teacher_path, device=device)
-        else:
+        elif teacher is None:
             log.info("REPA is off: no model.repa.teacher_path given")
         self.preview_batch = preview_batch
 

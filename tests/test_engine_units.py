@@ -73,7 +73,7 @@ def test_ema_matches_closed_form():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g))
             model.norm.running_mean.add_(1.0)
-        ema.update(model)
+        ema.update()
         for n, p in model.named_parameters():
             expected[n] = decay * expected[n] + (1 - decay) * p.detach().double()
     for n, p in ema.model.named_parameters():
@@ -93,7 +93,7 @@ def test_ema_of_constant_weights_after_n_steps():
             p.mul_(-2.0).add_(3.0)
     n = 25
     for _ in range(n):
-        ema.update(model)
+        ema.update()
     for name, p in ema.model.named_parameters():
         target = dict(model.named_parameters())[name].detach()
         closed = target + 0.99 ** n * (start[name] - target)

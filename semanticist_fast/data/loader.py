@@ -34,7 +34,7 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, shuffl
         order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 10_007 + epoch)).tolist()
     else:
         order = list(range(num_items))
-    usable = num_items - num_items % batch_size  # drop the ragged last batch: every step sees a full batch
+    usable = steps_per_epoch(num_items, batch_size) * batch_size  # no ragged last batch: every step is full
     return [[(i, item_seed(seed, epoch, i)) for i in order[b:b + batch_size]] for b in range(0, usable, batch_size)]
 
 

@@ -15,7 +15,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from ..engine.checkpoint import atomic_write_text, latest_checkpoint
+from ..engine.checkpoint import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -53,18 +53,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def resolve_checkpoint_file(path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"no tokenizer checkpoint under {path}/checkpoints")
-        return latest
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist")
-    return path
 
 
 def expected_manifest(tokenizer_file: Path, num_tokens: int, views: str, data_desc: dict, num_images: int,
@@ -158,11 +146,7 @@ def _shard_len(shard: int, shard_size: int, total: int) -> int:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-    tmp.replace(path)
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 class TokenCache(torch.utils.data.Dataset):

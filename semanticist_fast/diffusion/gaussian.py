@@ -66,6 +66,8 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
             "log_betas": torch.log(betas),
+            # The fixed "large" variance: beta_t, with the posterior's at t=0.
+            "log_variance_fixed": torch.log(torch.cat([posterior_variance[1:2], betas[1:]])),
         }
         for name, value in tables.items():
             # float32 on device: the gathers stay cheap and the tables come out identical to ADM's numpy->float32 path.
@@ -78,9 +80,9 @@ class GaussianDiffusion(nn.Module):
     def create(cls, num_timesteps: int = 1000, schedule: str = "linear", respacing: str = "", learn_sigma: bool = True):
         """The chain the network was trained on, optionally respaced ("250", "ddim25")."""
         base_betas = make_betas(schedule, num_timesteps)
-        if respacing in ("", None) or space_timesteps(num_timesteps, respacing) == list(range(num_timesteps)):
+        kept = space_timesteps(num_timesteps, respacing) if respacing else list(range(num_timesteps))
+        if kept == list(range(num_timesteps)):
             return cls(base_betas, learn_sigma=learn_sigma)
-        kept = space_timesteps(num_timesteps, respacing)
         alphas_cumprod = torch.cumprod(1.0 - base_betas, dim=0)
         new_betas, last = [], 1.0
         for i in kept:
@@ -128,9 +130,7 @@ class GaussianDiffusion(nn.Module):
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         else:
-            # Fixed "large" variance: beta_t, with the posterior's at t=0.
-            variance = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
-            log_variance = self._extract(torch.log(variance), t, n).expand_as(x_t)
+            log_variance = self._extract(self.log_variance_fixed, t, n).expand_as(x_t)
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
         mean, _, _ = self.q_posterior(pred_xstart, x_t, t)
         return mean, log_variance, pred_xstart, eps
@@ -195,7 +195,8 @@ class GaussianDiffusion(nn.Module):
             steps = tqdm(steps, desc="ddim", leave=False)
         for i in steps:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            _, _, pred_xstart, eps = self.p_mean_variance(model_fn(x, self.model_timesteps(t)).float(), x, t)
+            eps, _ = self.split_output(model_fn(x, self.model_timesteps(t)).float(), x)  # DDIM needs no variance
+            pred_xstart = self.predict_xstart_from_eps(x, t, eps)
             alpha_bar = self.alphas_cumprod[i]
             alpha_bar_prev = self.alphas_cumprod_prev[i]
             sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)

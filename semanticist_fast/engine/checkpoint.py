@@ -10,7 +10,8 @@ import torch
 CKPT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
-def _atomic_replace(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(f) into a temporary file beside path, fsync, then rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -26,11 +27,11 @@ def _atomic_replace(path: Path, write) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_replace(Path(path), lambda f: f.write(text.encode()))
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    _atomic_replace(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
@@ -55,7 +56,8 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or the newest checkpoint of a run directory."""
     path = Path(path)
     if path.is_dir():
         latest = latest_checkpoint(path)
@@ -64,8 +66,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         path = latest
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """mmap=True reads a tensor only when it is used: cheap config peeks and weight-only loads of checkpoints that
+    also hold the optimizer moments. Only for reading: the tensors stay backed by the file."""
     # Our checkpoints hold only tensors, numbers, strings and RNG states, so the safe loader suffices.
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(resolve_checkpoint(path), map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def load_model_state(model: torch.nn.Module, state: dict, what: str = "checkpoint") -> None:

@@ -5,20 +5,25 @@ import torch
 
 
 class EMA:
+    """Tracks the model it was built from: its parameters are averaged, its buffers (norm statistics) copied.
+    The tensors are paired once here; the model must update them in place (optimizers and load_state_dict do)."""
+
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._ema_params = [p for p in self.model.parameters()]
-        self._params = [p for p in model.parameters()]
+        self._ema_params = list(self.model.parameters())
+        self._params = list(model.parameters())
+        buffers = dict(model.named_buffers())
+        pairs = [(ema_buf, buffers[name]) for name, ema_buf in self.model.named_buffers()
+                 if name in buffers and buffers[name].shape == ema_buf.shape]
+        self._ema_buffers, self._buffers = [e for e, _ in pairs], [b for _, b in pairs]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        # One fused foreach lerp over all tensors: ema += (1 - decay) * (param - ema).
-        torch._foreach_lerp_(self._ema_params, [p.detach() for p in self._params], 1.0 - self.decay)
-        buffers = dict(model.named_buffers())
-        for name, ema_buf in self.model.named_buffers():
-            if name in buffers and buffers[name].shape == ema_buf.shape:
-                ema_buf.copy_(buffers[name])
+    def update(self) -> None:
+        # One fused foreach lerp over all parameters: ema += (1 - decay) * (param - ema); one foreach copy of buffers.
+        torch._foreach_lerp_(self._ema_params, self._params, 1.0 - self.decay)
+        if self._buffers:
+            torch._foreach_copy_(self._ema_buffers, self._buffers)
 
     def state_dict(self):
         return self.model.state_dict()

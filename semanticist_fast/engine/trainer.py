@@ -176,7 +176,7 @@ class Trainer:
                 sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float() * self.cfg.grad_accum
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.ema.update(self.model)
+                self.ema.update()
                 self.step += 1
                 epoch_done = self.batch_in_epoch >= micro_batches_per_epoch
                 if epoch_done:  # advance before any checkpoint, so one saved at an epoch's end resumes at the next
@@ -185,8 +185,9 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == end:
-                    now = time.perf_counter()
-                    last_metrics = {k: (v / count).item() for k, v in sums.items()}  # the one sync per interval
+                    means = (torch.stack(list(sums.values())) / count).tolist()  # the one sync per interval
+                    now = time.perf_counter()  # after the sync, so images/s counts finished work
+                    last_metrics = dict(zip(sums, means))
                     last_metrics["lr"] = lr
                     images_per_s = (self.step - last_step) * self.cfg.batch_size / max(now - last_time, 1e-9)
                     self._log(writer, bar, last_metrics, images_per_s)

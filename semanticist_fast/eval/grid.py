@@ -3,6 +3,8 @@ from pathlib import Path
 
 import torch
 
+from semanticist_fast.engine.checkpoint import atomic_write
+
 
 def save_grid(rows: list[torch.Tensor], path: Path, pad: int = 2) -> None:
     """rows: equal-shaped (N, 3, H, W) batches in [0, 1]; each becomes one row of the grid."""
@@ -16,11 +18,7 @@ def save_grid(rows: list[torch.Tensor], path: Path, pad: int = 2) -> None:
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             grid[:, y:y + h, x:x + w] = row[j]
     array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(Path(path), lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def token_counts(num_slots: int) -> list[int]:

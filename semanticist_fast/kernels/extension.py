@@ -14,7 +14,7 @@ except ImportError as e:
     AVAILABLE = False
     BUILT_WITH_CUDA = False
     STATUS = (f"semanticist_fast._C not available ({e}); build it with "
-              "`pip install -c constraints.txt --no-build-isolation -e .` or `python setup.py build_ext --inplace`")
+              "`pip install -c constraints.txt -e .` or `python setup.py build_ext --inplace`")
 else:
     AVAILABLE = True
     BUILT_WITH_CUDA = bool(_C.built_with_cuda())
