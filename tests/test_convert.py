@@ -225,6 +225,23 @@ def test_cli_convert_end_to_end(small_official, tmp_path):
     torch.testing.assert_close(recon, reference, rtol=0, atol=0)
 
 
+def test_decoding_a_token_prefix_equals_decoding_the_first_k(small_official):
+    model, _ = small_official
+    tok = Tokenizer(model, PixelCodec(), "cpu")
+    tokens = tok.encode(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+
+    def decode(t, **kw):
+        return tok.decode(t, steps="ddim2", generator=torch.Generator().manual_seed(4), **kw)
+
+    # An AR model hands over only its first k tokens: the missing slots are null, never the zero padding.
+    torch.testing.assert_close(decode(tokens[:, :3]), decode(tokens, num_tokens=3), rtol=0, atol=0)
+    assert not torch.equal(decode(tokens[:, :3]), decode(tokens))
+    with pytest.raises(ValueError, match="num_tokens"):
+        decode(tokens[:, :3], num_tokens=5)
+    with pytest.raises(ValueError, match="8 slots"):
+        decode(torch.cat([tokens, tokens], dim=1))
+
+
 def test_cli_convert_rejects_unknown_key(small_official, tmp_path):
     model, _ = small_official
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
