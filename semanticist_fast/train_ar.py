@@ -10,7 +10,7 @@ from .config import to_dict
 from .data.build import DataConfig, build_dataset
 from .data.token_cache import CacheConfig, TokenCache, build_token_cache
 from .engine.checkpoint import resolve_checkpoint
-from .engine.trainer import OptimConfig, TrainConfig, Trainer, resolve_device
+from .engine.trainer import OptimConfig, TrainConfig, fit_task, resolve_device
 from .eval.grid import save_grid
 from .kernels.dispatch import set_fast_paths
 from .models.gpt import GPT, GPTConfig
@@ -105,12 +105,4 @@ def train_ar(run: ARRun, out_dir: Path, resume: bool = False, stop_at_step=None)
     torch.manual_seed(run.train.seed)
     cache_dir, tokenizer = prepare_cache(run, out_dir, device)
     train_set = TokenCache(cache_dir, seed=run.train.seed)
-    task = ARTask(run, device, tokenizer)
-    if run.runtime.compile:
-        from .kernels.compile import compile_blocks
-        compile_blocks(task.model)
-    trainer = Trainer(task, train_set, run.train, run.optim, out_dir, to_dict(run), device)
-    log.info("AR model: %.2fM parameters, %d steps (%d per epoch, warmup %d), lr %.2e",
-             sum(p.numel() for p in task.model.parameters()) / 1e6, trainer.total_steps, trainer.steps_per_epoch,
-             trainer.warmup_steps, trainer.base_lr)
-    return trainer.fit(resume=resume, stop_at_step=stop_at_step)
+    return fit_task(ARTask(run, device, tokenizer), train_set, run, out_dir, device, resume, stop_at_step)

@@ -6,10 +6,9 @@ from typing import Literal, Optional
 
 import torch
 
-from .config import to_dict
 from .data.build import DataConfig, build_dataset
 from .diffusion.gaussian import GaussianDiffusion
-from .engine.trainer import OptimConfig, TrainConfig, Trainer, resolve_device
+from .engine.trainer import OptimConfig, TrainConfig, fit_task, resolve_device
 from .eval.grid import save_grid, token_counts
 from .kernels.dispatch import set_fast_paths
 from .models.dit import repa_loss
@@ -107,15 +106,7 @@ def train_tokenizer(run: TokenizerRun, out_dir: Path, resume: bool = False, stop
     train_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed)
     val_set = _held_out(run)
     preview = torch.stack([val_set[i][0] for i in range(min(run.preview_images, len(val_set)))]).to(device)
-    task = TokenizerTask(run, device, preview)
-    if run.runtime.compile:
-        from .kernels.compile import compile_blocks
-        compile_blocks(task.model)
-    trainer = Trainer(task, train_set, run.train, run.optim, out_dir, to_dict(run), device)
-    log.info("tokenizer: %.2fM trainable parameters, %d steps (%d per epoch), lr %.2e",
-             sum(p.numel() for p in task.model.parameters()) / 1e6, trainer.total_steps, trainer.steps_per_epoch,
-             trainer.base_lr)
-    return trainer.fit(resume=resume, stop_at_step=stop_at_step)
+    return fit_task(TokenizerTask(run, device, preview), train_set, run, out_dir, device, resume, stop_at_step)
 
 
 def _held_out(run: TokenizerRun):

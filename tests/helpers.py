@@ -1,6 +1,29 @@
-"""Small configs shared by the tests."""
+"""Small configs and reference data shared by the tests."""
+from pathlib import Path
+
+import torch
+
 from semanticist_fast.config import load_config
 from semanticist_fast.train_tokenizer import TokenizerRun
+
+# The official checkpoints' parameter layouts (copied from shared/reference/checkpoint_layouts).
+LAYOUTS = Path(__file__).resolve().parent / "data" / "checkpoint_layouts"
+
+
+def parse_layout(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) for each tab-separated row of a layout file; '#' lines are comments."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, shape, dtype = line.split("\t")
+        dims = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+        rows.append((name, dims, getattr(torch, dtype.removeprefix("torch."))))
+    return rows
+
+
+def layout_shapes(file_name: str) -> dict[str, tuple[int, ...]]:
+    return {name: shape for name, shape, _ in parse_layout(LAYOUTS / file_name)}
 
 MICRO_TOKENIZER = [
     "model.image_size=16",

@@ -22,30 +22,18 @@ from semanticist_fast.models.vit import EncoderConfig
 from semanticist_fast.tokenizer import Tokenizer
 from semanticist_fast.train_tokenizer import TokenizerRun
 
+from helpers import LAYOUTS, parse_layout
+
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = Path("/work/shared/reference/checkpoint_layouts")
 CHECKED_KEYS = ["encoder.cls_token", "encoder.slot_embed", "encoder2slot.weight", "dit.null_cond",
                 "dit.blocks.0.attn.qkv.bias", "dit.final_layer.linear.weight", "encoder.blocks.11.mlp.fc2.weight"]
 
 
-def _parse_layout(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, shape, dtype = line.split("\t")
-        dims = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-        rows.append((name, dims, getattr(torch, dtype.removeprefix("torch."))))
-    return rows
-
-
 def _layout_state(size: str, prefix: str = "") -> dict:
     path = LAYOUTS / f"tokenizer_DiT-{size}-2.tsv"
-    if not path.is_file():
-        pytest.skip(f"{path} is not available")
     g = torch.Generator().manual_seed(0)
     state = {}
-    for name, shape, dtype in _parse_layout(path):
+    for name, shape, dtype in parse_layout(path):
         if dtype == torch.int64:
             state[prefix + name] = torch.arange(shape[0]) if len(shape) == 1 else torch.zeros(shape, dtype=dtype)
         elif name in CHECKED_KEYS:
@@ -69,7 +57,7 @@ def test_layout_parsing_counts_match_the_totals():
     for size in ("L", "XL"):
         path = LAYOUTS / f"tokenizer_DiT-{size}-2.tsv"
         total = int(re.search(r"# total elements: (\d+)", path.read_text()).group(1))
-        rows = _parse_layout(path)
+        rows = parse_layout(path)
         assert sum(torch.Size(s).numel() for _, s, _ in rows) == total
 
 

@@ -12,16 +12,6 @@ from semanticist_fast.kernels import dispatch
 from semanticist_fast.models.vit import EncoderConfig, SlotEncoder
 
 
-@pytest.fixture(params=[True, False], ids=["fast", "reference"])
-def fast_paths(request):
-    previous = dispatch.fast_paths_enabled()
-    dispatch.set_fast_paths(request.param)
-    try:
-        yield request.param
-    finally:
-        dispatch.set_fast_paths(previous)
-
-
 def _expected_mask(n_img: int, n_slots: int) -> torch.Tensor:
     n = n_img + n_slots
     mask = torch.zeros(n, n, dtype=torch.bool)

@@ -1,6 +1,5 @@
 """epsilon-LlamaGen: layout, forward numerics, KV-cached decoding, loss, sampling and checkpoint conversion."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,26 +9,13 @@ from semanticist_fast.convert_gpt import convert_gpt_state_dict, infer_gpt_confi
 from semanticist_fast.models.gpt import GPT, GPTConfig, ffn_hidden
 from semanticist_fast.sampling import cfg_at, generate
 
-LAYOUT = Path("/work/shared/reference/checkpoint_layouts/gpt_GPT-L.tsv")
+from helpers import layout_shapes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: intra-op threads only add contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def read_layout(path=LAYOUT) -> dict:
-    shapes = {}
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        name, shape, _ = line.split("\t")
-        shapes[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return shapes
+def read_layout() -> dict:
+    return layout_shapes("gpt_GPT-L.tsv")
 
 
 def tiny_config(**overrides) -> GPTConfig:

@@ -2,20 +2,9 @@
 import pytest
 import torch
 
-from semanticist_fast.kernels import dispatch
 from semanticist_fast.models.nested_dropout import NestedDropout, NestedDropoutConfig
 
 DRAWS = 200_000
-
-
-@pytest.fixture(params=[True, False], ids=["fast", "reference"])
-def fast_paths(request):
-    previous = dispatch.fast_paths_enabled()
-    dispatch.set_fast_paths(request.param)
-    try:
-        yield request.param
-    finally:
-        dispatch.set_fast_paths(previous)
 
 
 def _counts(keep: torch.Tensor, K: int) -> torch.Tensor:

@@ -63,6 +63,7 @@ class TrainConfig:
 
 
 class Task(Protocol):
+    kind: str  # the stage, stored in checkpoints ("tokenizer", "autoregressive")
     model: torch.nn.Module
 
     def loss(self, model, batch, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
@@ -102,7 +103,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "kind": getattr(self.task, "kind", "model"),
+            "kind": self.task.kind,
             "config": self.run_config,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
@@ -235,3 +236,19 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
         return tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
+
+
+def fit_task(task: Task, train_set, run, out_dir: Path, device: torch.device, resume: bool = False,
+             stop_at_step: Optional[int] = None) -> dict:
+    """The tail shared by both stages: compile the blocks if asked, build the trainer, report the plan, train.
+    `run` is a stage's run config: its train, optim and runtime sections drive the trainer."""
+    from ..config import to_dict
+
+    if run.runtime.compile:
+        from ..kernels.compile import compile_blocks
+        compile_blocks(task.model)
+    trainer = Trainer(task, train_set, run.train, run.optim, out_dir, to_dict(run), device)
+    log.info("%s: %.2fM trainable parameters, %d steps (%d per epoch, warmup %d), lr %.2e", task.kind,
+             sum(p.numel() for p in task.model.parameters() if p.requires_grad) / 1e6, trainer.total_steps,
+             trainer.steps_per_epoch, trainer.warmup_steps, trainer.base_lr)
+    return trainer.fit(resume=resume, stop_at_step=stop_at_step)
