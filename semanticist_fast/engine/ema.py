@@ -13,10 +13,7 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self._ema_params = list(self.model.parameters())
         self._params = list(model.parameters())
-        buffers = dict(model.named_buffers())
-        pairs = [(ema_buf, buffers[name]) for name, ema_buf in self.model.named_buffers()
-                 if name in buffers and buffers[name].shape == ema_buf.shape]
-        self._ema_buffers, self._buffers = [e for e, _ in pairs], [b for _, b in pairs]
+        self._ema_buffers, self._buffers = list(self.model.buffers()), list(model.buffers())  # a deep copy: same order
 
     @torch.no_grad()
     def update(self) -> None:
