@@ -16,14 +16,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import describe_device, time_call, write_result  # noqa: E402
 from semanticist_fast.models.gpt import GPT, GPTConfig  # noqa: E402
-from semanticist_fast.sampling import generate  # noqa: E402
+from semanticist_fast.inference.generation import generate  # noqa: E402
 
 
 def load_model(args, device) -> GPT:
     if args.ckpt:
-        from semanticist_fast.sample_cli import load_ar
-        gpt, _ = load_ar(args.ckpt, str(device))
-        return gpt
+        from semanticist_fast.inference import load_generator
+        return load_generator(args.ckpt, str(device)).gpt
     cfg = GPTConfig(size=args.size) if args.size != "tiny" else GPTConfig(
         size="custom", layers=4, heads=4, dim=128, head_width=128, head_depth=3, num_classes=10)
     torch.manual_seed(0)
@@ -36,7 +35,7 @@ def main(argv=None) -> dict:
     p.add_argument("--size", default="tiny", choices=["tiny", "B", "L", "XL", "XXL"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--head-steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
@@ -50,7 +49,7 @@ def main(argv=None) -> dict:
     def run(fast: bool):
         generator = torch.Generator(device).manual_seed(0)
         with autocast:
-            return generate(gpt, labels, args.cfg, "linear", 1.0, generator, args.head_steps,
+            return generate(gpt, labels, args.guidance, "linear", 1.0, generator, args.head_steps,
                             sampler="sde" if fast else "sde_naive", use_kv_cache=fast)
 
     results = {}
@@ -62,7 +61,7 @@ def main(argv=None) -> dict:
     record = {
         "device": describe_device(device), "device_kind": device.type,
         "model": args.ckpt or f"random GPT-{args.size}", "batch": args.batch, "head_steps": args.head_steps,
-        "cfg": args.cfg, "num_tokens": gpt.num_tokens, "bf16": args.bf16,
+        "guidance": args.guidance, "num_tokens": gpt.num_tokens, "bf16": args.bf16,
         "naive": results["naive"], "ours": results["ours"],
         "speedup": results["naive"]["seconds"] / results["ours"]["seconds"],
         "max_abs_token_diff": diff,

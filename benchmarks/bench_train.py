@@ -5,7 +5,7 @@
     python benchmarks/bench_train.py --preset tiny                     # CPU smoke: both, small dims
 
 optimised: fast kernels (Triton / C++ / flash-attn, the split slot-encoder attention), regional torch.compile of
-the blocks (kernels/compile.py), fused AdamW (GPU), bf16 autocast (GPU).
+the blocks (engine/compile.py), fused AdamW (GPU), bf16 autocast (GPU).
 plain: eager, set_fast_paths(False) (the PyTorch references: SDPA with the boolean encoder mask), torch's default
 unfused AdamW; bf16 autocast on GPU as well (the published recipe trains under it), or fp32 with --plain-fp32.
 Both build the model from the same seed, see the same batch and draw the same diffusion noise, so their first-step
@@ -32,16 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import flops  # noqa: E402
 from benchmarks.common import describe_device, sync, time_call, write_result  # noqa: E402
 from semanticist_fast.engine.ema import EMA  # noqa: E402
-from semanticist_fast.engine.optim import build_adamw, param_groups  # noqa: E402
-from semanticist_fast.kernels.compile import compile_blocks  # noqa: E402
+from semanticist_fast.engine.optimizer import build_adamw, param_groups  # noqa: E402
+from semanticist_fast.engine.compile import compile_blocks  # noqa: E402
 from semanticist_fast.kernels.dispatch import fast_paths_enabled, set_fast_paths  # noqa: E402
 from semanticist_fast.models.dit import DecoderConfig  # noqa: E402
 from semanticist_fast.models.gpt import GPTConfig  # noqa: E402
 from semanticist_fast.models.latent_codec import CodecConfig, codec_geometry  # noqa: E402
 from semanticist_fast.models.tokenizer import TokenizerConfig  # noqa: E402
 from semanticist_fast.models.vit import EncoderConfig  # noqa: E402
-from semanticist_fast.train_ar import ARRun, ARTask  # noqa: E402
-from semanticist_fast.train_tokenizer import TokenizerRun, TokenizerTask  # noqa: E402
+from semanticist_fast.tasks.autoregressive import ARRun, ARTask  # noqa: E402
+from semanticist_fast.tasks.tokenizer import TokenizerRun, TokenizerTask  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0}  # dense, by device-name substring
 NESTING_EPOCH = 10 ** 9  # past enable_nest_after: the step draws per-sample prefixes, as most of training does

@@ -37,9 +37,13 @@ def describe_device(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, "+dirty" when tracked files differ from it (the figures then belong to no commit)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        return head + "+dirty" if git("status", "--porcelain", "--untracked-files=no") else head
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

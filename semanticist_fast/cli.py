@@ -26,14 +26,15 @@ def _parse_tokens(spec: str, num_slots: int) -> list[int]:
 
 
 def cmd_train(args) -> int:
-    from .config import ConfigError, load_config, save_config, to_dict
-    from .engine.checkpoint import latest_checkpoint, load_checkpoint
+    from .common.runs import latest_checkpoint, saved_config
+    from .config import ConfigError, load_config, migrate_saved, save_config, to_dict
+    from .tasks import spec_for_file, train
 
     out = Path(args.out)
-    kind, run_cls, train_fn = _train_target(args.config)
-    run = load_config(run_cls, args.config, args.overrides)
+    spec = spec_for_file(args.config)
+    run = load_config(spec.run_config, args.config, args.overrides)
     if args.resume and (latest := latest_checkpoint(out)) is not None:
-        saved = load_checkpoint(latest, mmap=True)["config"]
+        saved = migrate_saved(spec.run_config, saved_config(latest))
         diffs = _config_differences(saved, to_dict(run), sections=("model", "data", "optim"))
         if diffs:
             raise ConfigError(f"cannot resume {out}: its checkpoint was trained with a different config:\n  "
@@ -42,27 +43,9 @@ def cmd_train(args) -> int:
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue it, or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     save_config(run, out / "config.yaml")
-    metrics = train_fn(run, out, resume=args.resume)
+    metrics = train(run, out, resume=args.resume)
     log.info("done: %s", json.dumps(metrics))
     return 0
-
-
-def _train_target(config_path: str):
-    """The YAML's `kind` picks the stage; a tokenizer config is the default."""
-    import yaml
-
-    try:
-        with open(config_path) as f:
-            kind = (yaml.safe_load(f) or {}).get("kind", "tokenizer")
-    except FileNotFoundError:
-        raise SystemExit(f"error: config file {config_path} does not exist")
-    if kind == "tokenizer":
-        from .train_tokenizer import TokenizerRun, train_tokenizer
-        return kind, TokenizerRun, train_tokenizer
-    if kind == "autoregressive":
-        from .train_ar import ARRun, train_ar
-        return kind, ARRun, train_ar
-    raise SystemExit(f"error: {config_path}: kind {kind!r} is not known; use 'tokenizer' or 'autoregressive'")
 
 
 def _config_differences(a: dict, b: dict, sections) -> list[str]:
@@ -81,47 +64,26 @@ def _config_differences(a: dict, b: dict, sections) -> list[str]:
 
 
 def cmd_reconstruct(args) -> int:
-    import torch
-
-    from .data.build import build_dataset, load_images
+    from .data.build import load_images
     from .eval.grid import save_grid, token_counts
-    from .eval.metrics import mse, psnr
-    from .tokenizer import Tokenizer
+    from .eval.reconstruction import format_report, held_out_images, reconstruction_report
+    from .inference import Tokenizer
 
     tok = Tokenizer.from_checkpoint(args.ckpt, device=args.device, codec_path=args.codec_path)
-    num_slots = tok.model.num_slots
-    counts = _parse_tokens(args.tokens, num_slots) if args.tokens else token_counts(num_slots)
+    counts = _parse_tokens(args.tokens, tok.num_slots) if args.tokens else token_counts(tok.num_slots)
     if args.images:
-        images = load_images(args.images, tok.cfg.image_size)
+        images = load_images(args.images, tok.image_size)
     else:
-        from .config import from_dict
-        from .data.build import DataConfig
-        from .engine.checkpoint import load_checkpoint
-
-        config = load_checkpoint(args.ckpt, mmap=True)["config"]
-        data_cfg = from_dict(DataConfig, config["data"], prefix="data.")
-        if data_cfg.dataset != "procedural":
-            raise SystemExit("error: this checkpoint was not trained on the built-in data: pass image files to reconstruct")
-        val = build_dataset(data_cfg, tok.cfg.image_size, "val", seed=config["train"]["seed"])  # the previews' images
-        images = torch.stack([val[i][0] for i in range(min(args.num_images, len(val)))])
-    batches = list(images.split(args.batch_size))
-    tokens = [tok.encode(batch) for batch in batches]
-    results, rows = [], [images]
-    for k in counts:
-        recs = []
-        for i, batch_tokens in enumerate(tokens):
-            generator = torch.Generator(tok.device).manual_seed(args.seed + i * args.batch_size)
-            recs.append(tok.decode(batch_tokens, num_tokens=k, cfg=args.cfg, steps=args.steps, generator=generator).cpu())
-        rec = torch.cat(recs)
-        rows.append(rec)
-        results.append({"tokens": k, "mse": mse(rec, images).mean().item(), "psnr": psnr(rec, images).mean().item()})
-        log.info("k=%d  mse=%.5f  psnr=%.2f dB", k, results[-1]["mse"], results[-1]["psnr"])
+        images = held_out_images(args.ckpt, tok.image_size, args.num_images)
+    report, reconstructions = reconstruction_report(tok, images, counts, args.guidance, args.steps, args.seed,
+                                                    args.batch_size)
+    print(format_report(report))
     if args.out:
-        save_grid([r[:args.grid_images] for r in rows], Path(args.out))
+        save_grid([images[:args.grid_images]] + [r[:args.grid_images] for r in reconstructions.values()], Path(args.out))
         log.info("wrote %s (top row: inputs; then one row per token count %s)", args.out, counts)
     if args.metrics_json:
-        Path(args.metrics_json).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
+        from .common.files import atomic_write_text
+        atomic_write_text(Path(args.metrics_json), json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -133,9 +95,44 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _parse_classes(spec: str, num_classes: int) -> list[int]:
+    try:
+        classes = [int(c) for c in spec.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--classes {spec!r}: expected comma-separated class indices, e.g. --classes 1,7") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad or not classes:
+        raise ValueError(f"--classes {spec!r}: classes must be in 0..{num_classes - 1} (this model has {num_classes})")
+    return classes
+
+
 def cmd_sample(args) -> int:
-    from .sample_cli import run_sample
-    return run_sample(args)
+    import torch
+
+    from .eval.grid import save_grid, save_samples
+    from .inference import Tokenizer, load_generator, sample_images
+    from .inference.generation import with_overrides
+
+    loaded = load_generator(args.ckpt, args.device)
+    device = next(loaded.gpt.parameters()).device
+    classes = _parse_classes(args.classes, loaded.gpt.num_classes)
+    tokenizer_path = args.tokenizer or loaded.tokenizer_path
+    if not tokenizer_path:
+        raise ValueError(f"{args.ckpt} names no tokenizer (a converted checkpoint): pass --tokenizer PATH")
+    tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
+    # Every option left unset falls back to the run's `sample` section.
+    s = with_overrides(loaded.sample, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
+                       temperature=args.temperature, head_steps=args.head_steps, sampler=args.sampler,
+                       decoder_guidance=args.decoder_guidance, decoder_steps=args.decoder_steps)
+    labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    images = torch.cat([sample_images(loaded.gpt, tokenizer, labels[start:start + args.batch_size], s, generator).cpu()
+                        for start in range(0, labels.shape[0], args.batch_size)])
+    out = Path(args.out)
+    save_grid(list(images.view(len(classes), args.per_class, *images.shape[1:])), out)
+    save_samples(images, labels, out.with_suffix(".npz"))
+    log.info("wrote %s (one row per class %s) and %s", out, classes, out.with_suffix(".npz"))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,17 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=64")
     t.set_defaults(fn=cmd_train)
 
-    r = sub.add_parser("reconstruct", help="reconstruct images from their first k tokens and report MSE / PSNR")
+    r = sub.add_parser("reconstruct", help="reconstruct images from their first k tokens; MSE / PSNR / SSIM per k "
+                                           "against the flat mean-colour baseline")
     r.add_argument("ckpt", help="checkpoint file or run directory")
-    r.add_argument("images", nargs="*", help="image files (default: held-out built-in images)")
+    r.add_argument("images", nargs="*",
+                   help="image files (default: the run's held-out images: the built-in val split or data.val_root)")
     r.add_argument("--tokens", default=None, help="token counts, e.g. 1,4,16,all (default: 1, 2, 4, ... all)")
     r.add_argument("--out", default=None, help="PNG grid path")
     r.add_argument("--metrics-json", default=None)
     r.add_argument("--num-images", type=int, default=64)
     r.add_argument("--grid-images", type=int, default=8)
     r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--cfg", type=float, default=None, help="decoder guidance (default: the config's)")
-    r.add_argument("--steps", default=None, help="sampling steps, e.g. 250 or ddim25 (default: the config's)")
+    r.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                   help="decoder classifier-free guidance (default: the config's model.diffusion.guidance)")
+    r.add_argument("--steps", default=None,
+                   help="decoder steps: 250 or ddim25 (ddpm), euler4 (flow) (default: the config's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default=None)
     r.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
@@ -178,13 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", default="0,1")
     s.add_argument("--per-class", type=int, default=4)
     # Unset sampling options take the values of the checkpoint's `sample` section.
-    s.add_argument("--cfg", type=float, default=None, help="class guidance scale")
-    s.add_argument("--cfg-schedule", choices=["linear", "constant"], default=None)
+    s.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None, help="class guidance scale")
+    s.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
+                   default=None)
     s.add_argument("--temperature", type=float, default=None)
     s.add_argument("--head-steps", type=int, default=None, help="diffusion-head sampling steps per token")
     s.add_argument("--sampler", choices=["sde", "ode"], default=None)
-    s.add_argument("--decoder-cfg", type=float, default=None, help="tokenizer decoder guidance scale")
-    s.add_argument("--decoder-steps", default=None, help="tokenizer decoder steps, e.g. 250 or ddim25")
+    s.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
+                   help="tokenizer decoder guidance scale")
+    s.add_argument("--decoder-steps", default=None, help="tokenizer decoder steps, e.g. 250, ddim25 or euler4")
     s.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the AR model was trained on)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=64)

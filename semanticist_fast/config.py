@@ -1,7 +1,9 @@
 """Typed configs: YAML files loaded into dataclasses, with dotted `key=value` overrides.
 
 Every dataclass field is typed; the loader checks each value against its type (Literal fields list their allowed
-choices) and rejects unknown keys, so a typo fails at start-up with the key, the value and the fix.
+choices) and rejects unknown keys, so a typo fails at start-up with the key, the value and the fix. A section that
+renamed a key lists it in `RENAMED = {old: new}`: the old key is an error naming the new one, and configs saved in
+checkpoints are migrated (`migrate_saved`), so old runs still load.
 """
 import dataclasses
 import difflib
@@ -96,6 +98,9 @@ def _coerce(value: Any, tp, key: str):
 
 
 def _unknown_key_error(cls, name: str, prefix: str) -> ConfigError:
+    renamed = getattr(cls, "RENAMED", {})
+    if name in renamed:
+        return ConfigError(f"config key {prefix}{name} was renamed: use {prefix}{renamed[name]}")
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" Did you mean {prefix}{close[0]!s}?" if close else ""
@@ -184,6 +189,19 @@ def load_config(cls, path: Optional[Union[str, Path]] = None, overrides: Optiona
     return from_dict(cls, data)
 
 
+def migrate_saved(cls, data: dict) -> dict:
+    """A config dict saved by an older version, with renamed keys (RENAMED tables of cls's sections) renamed."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        key = getattr(cls, "RENAMED", {}).get(key, key)
+        child = hints.get(key)
+        out[key] = migrate_saved(child, value) if child is not None and dataclasses.is_dataclass(child) else value
+    return out
+
+
 def save_config(obj, path: Union[str, Path]) -> None:
-    from .engine.checkpoint import atomic_write_text
+    from .common.files import atomic_write_text
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))

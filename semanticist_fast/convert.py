@@ -1,95 +1,79 @@
 """Official Semanticist checkpoints -> our checkpoint format (`semanticist-fast convert`).
 
-The model's configuration is inferred from tensor shapes (head counts from the named sizes, which shapes cannot
-show), then the state dict is loaded strictly: any key we do not expect, or expect and do not find, is an error.
+Tokenizer (DiT-L-2, DiT-XL-2) and epsilon-LlamaGen GPT checkpoints. Our parameter names are the official ones, so
+conversion strips wrapper prefixes, infers the architecture from tensor shapes (head counts from the named sizes,
+which shapes cannot show, or `model.heads=N`), and checks the key set strictly against a model built from that
+config: any key we do not expect, or expect and do not find, is an error. The converted checkpoint carries the
+`model` section of a run config, which is all that inference reads.
 """
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
+from .common.files import atomic_torch_save
 from .config import apply_overrides, from_dict, to_dict
-from .engine.checkpoint import atomic_torch_save, check_state_fits
 from .models.dit import DIT_SIZES
-from .models.tokenizer import SemanticistTokenizer
+from .models.gpt import GPT, GPT_SIZES, GPTConfig
+from .models.sizes import size_named
+from .models.tokenizer import SemanticistTokenizer, TokenizerConfig
 from .models.vit import ENCODER_SIZES
+from .models.weights import check_state_fits, count_blocks, read_weights, strip_prefixes
 
 log = logging.getLogger(__name__)
 
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 # Buffers the reference registers that carry no learned state.
 IGNORED_TOKENIZER_KEYS = {"nested_sampler.arange"}
 
 
-def strip_prefixes(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-            key = key.replace("._orig_mod.", ".")
-        out[key] = value
-    return out
+@dataclass
+class ConvertedTokenizer:
+    """The config a converted tokenizer checkpoint carries (and that its `key=value` overrides address)."""
+    kind: Literal["tokenizer"] = "tokenizer"
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
-def read_state_dict(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        for key in ("ema", "model", "state_dict", "module"):
-            if isinstance(state.get(key), dict):
-                log.info("using the %r entry of %s", key, path)
-                state = state[key]
-                break
-        else:
-            raise ValueError(f"{path} holds no state dict (top-level keys: {sorted(state)[:10]})")
-    return strip_prefixes(state)
+@dataclass
+class ConvertedGPT:
+    kind: Literal["autoregressive"] = "autoregressive"
+    model: GPTConfig = field(default_factory=GPTConfig)
 
 
-def count_blocks(state: dict, prefix: str) -> int:
-    """The number of blocks `prefix{i}.` in state; they must be numbered 0..n-1."""
-    indices = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
-    if indices != set(range(len(indices))):
-        raise ValueError(f"checkpoint blocks {prefix}N are not numbered 0..n-1: {sorted(indices)}")
-    return len(indices)
+def _shape(state: dict, key: str, what: str) -> tuple:
+    if key not in state:
+        raise ValueError(f"not {what} state dict: missing {key!r}")
+    return tuple(state[key].shape)
 
 
-def _named(sizes: dict, match, what: str):
-    for name, spec in sizes.items():
-        if match(spec):
-            return name, spec
-    raise ValueError(f"the checkpoint's {what} matches no named size ({', '.join(sizes)}); heads cannot be inferred")
+def _checkpoint(kind: str, config, state: dict) -> dict:
+    return {"kind": kind, "config": to_dict(config), "model": state, "ema": state, "step": 0, "epoch": 0,
+            "batch_in_epoch": 0, "converted_from": "official"}
 
+
+# -- tokenizer -----------------------------------------------------------------------------------------------------
 
 def infer_tokenizer_config(state: dict) -> dict:
     """The `model` section of a tokenizer run config, from the tensors' shapes."""
-    try:
-        enc_dim = state["encoder.cls_token"].shape[-1]
-        patch = state["encoder.patch_embed.proj.weight"].shape[-1]
-        num_slots, slot_dim = state["encoder.slot_embed"].shape[1], state["encoder2slot.weight"].shape[0]
-        enc_tokens = state["encoder.pos_embed"].shape[1]
-        hidden, latent_ch, dit_patch, _ = state["dit.x_embedder.proj.weight"].shape
-        dit_tokens = state["dit.pos_embed"].shape[1]
-        out_dim = state["dit.final_layer.linear.weight"].shape[0]
-    except KeyError as e:
-        raise ValueError(f"not a Semanticist tokenizer state dict: missing {e}") from None
+    what = "a Semanticist tokenizer"
+    enc_dim = _shape(state, "encoder.cls_token", what)[-1]
+    patch = _shape(state, "encoder.patch_embed.proj.weight", what)[-1]
+    num_slots = _shape(state, "encoder.slot_embed", what)[1]
+    slot_dim = _shape(state, "encoder2slot.weight", what)[0]
+    enc_tokens = _shape(state, "encoder.pos_embed", what)[1]
+    hidden, latent_ch, dit_patch, _ = _shape(state, "dit.x_embedder.proj.weight", what)
+    dit_tokens = _shape(state, "dit.pos_embed", what)[1]
+    out_dim = _shape(state, "dit.final_layer.linear.weight", what)[0]
     enc_depth = count_blocks(state, "encoder.blocks.")
     dit_depth = count_blocks(state, "dit.blocks.")
     image_size = int(round((enc_tokens - 1 - num_slots) ** 0.5)) * patch
     latent_size = int(round(dit_tokens ** 0.5)) * dit_patch
-    enc_name, (_, _, enc_heads, _) = _named(ENCODER_SIZES, lambda s: s[0] == enc_dim, f"encoder width {enc_dim}")
-    dit_name, (_, _, dit_heads) = _named(DIT_SIZES, lambda s: s[0] == dit_depth and s[1] == hidden,
-                                         f"DiT depth {dit_depth} / hidden {hidden}")
+    enc_name = size_named(ENCODER_SIZES, lambda row: row[0] == enc_dim)
+    dit_name = size_named(DIT_SIZES, lambda row: row[0] == dit_depth and row[1] == hidden)
+    if enc_name is None or dit_name is None:
+        raise ValueError(f"the checkpoint's encoder width {enc_dim} or DiT depth {dit_depth} / hidden {hidden} matches "
+                         "no named size; heads cannot be inferred")
     learn_sigma = out_dim == dit_patch * dit_patch * latent_ch * 2
     has_repa = "dit.projector.0.weight" in state
     decoder = {"size": dit_name, "patch_size": int(dit_patch), "learn_sigma": learn_sigma,
@@ -99,7 +83,7 @@ def infer_tokenizer_config(state: dict) -> dict:
         decoder["repa_target_dim"] = int(state["dit.projector.4.weight"].shape[0])
     return {
         "image_size": int(image_size),
-        "encoder": {"size": "custom", "dim": int(enc_dim), "depth": enc_depth, "heads": enc_heads,
+        "encoder": {"size": "custom", "dim": int(enc_dim), "depth": enc_depth, "heads": ENCODER_SIZES[enc_name][2],
                     "patch_size": int(patch), "num_slots": int(num_slots), "slot_dim": int(slot_dim)},
         "decoder": decoder,
         "codec": {"kind": "kl16" if latent_size != image_size else "pixel", "latent_channels": int(latent_ch),
@@ -108,39 +92,92 @@ def infer_tokenizer_config(state: dict) -> dict:
 
 
 def convert_tokenizer(state: dict, overrides: Optional[list[str]] = None) -> dict:
-    from .train_tokenizer import TokenizerRun
-
     state = {k: v for k, v in state.items() if k not in IGNORED_TOKENIZER_KEYS}
-    raw = apply_overrides({"model": infer_tokenizer_config(state)}, overrides or [], TokenizerRun)
+    raw = apply_overrides({"model": infer_tokenizer_config(state)}, overrides or [], ConvertedTokenizer)
     if raw["model"]["codec"]["kind"] == "kl16" and not raw["model"]["codec"].get("path"):
         raw["model"]["codec"]["path"] = "PATH/TO/kl16-vae"  # a placeholder the user overrides at load time
         log.warning("no model.codec.path=... given: pass --codec-path when reconstructing with this checkpoint")
-    run = from_dict(TokenizerRun, raw)
+    config = from_dict(ConvertedTokenizer, raw)
     with torch.device("meta"):
-        model = SemanticistTokenizer(run.model)
+        model = SemanticistTokenizer(config.model)
     state = {k: v.float() for k, v in state.items()}
     check_state_fits(model, state, what="official tokenizer checkpoint")
-    return {"kind": "tokenizer", "config": to_dict(run), "model": state, "ema": state, "step": 0, "epoch": 0,
-            "batch_in_epoch": 0, "converted_from": "official"}
+    return _checkpoint("tokenizer", config, state)
+
+
+# -- GPT -------------------------------------------------------------------------------------------------------------
+
+def infer_gpt_config(state: dict, heads: Optional[int] = None) -> GPTConfig:
+    """The GPTConfig whose parameter shapes match the (prefix-free) state dict.
+
+    The head count is not visible in the shapes: it comes from the named size with these layers and dim, or must
+    be given.
+    """
+    what = "an epsilon-LlamaGen GPT"
+    num_classes_plus_null, dim = _shape(state, "cls_embedding.embedding_table.weight", what)
+    layers = count_blocks(state, "layers.")
+    size = size_named(GPT_SIZES, lambda row: (row[0], row[2]) == (layers, dim)) or "custom"
+    if heads is None:
+        if size == "custom":
+            raise ValueError(f"no standard GPT size has {layers} layers of dim {dim}; pass the head count")
+        heads = GPT_SIZES[size][1]
+    elif size != "custom" and GPT_SIZES[size][1] != heads:
+        size = "custom"
+    token_dim = _shape(state, "z_proj.weight", what)[1]
+    num_tokens = _shape(state, "diffusion_pos_embed_learned", what)[1]
+    width = _shape(state, "diffloss.net.input_proj.weight", what)[0]
+    mlp_in = _shape(state, "diffloss.net.res_blocks.0.mlp.0.weight", what)[1]
+    out_channels = _shape(state, "diffloss.net.final_layer.linear.weight", what)[0]
+    if mlp_in not in (width, 2 * width):
+        raise ValueError(f"head block input {mlp_in} is neither width {width} (adaln) nor 2x width (concat)")
+    if out_channels not in (token_dim, 2 * token_dim):
+        raise ValueError(f"head output {out_channels} is neither {token_dim} (flow) nor {2 * token_dim} (ddpm)")
+    objective = "flow" if out_channels == token_dim else "ddpm"
+    return GPTConfig(
+        size=size,
+        layers=None if size != "custom" else layers,
+        heads=None if size != "custom" else heads,
+        dim=None if size != "custom" else dim,
+        token_dim=token_dim,
+        num_tokens=num_tokens,
+        num_classes=num_classes_plus_null - 1,
+        head_width=width,
+        head_depth=count_blocks(state, "diffloss.net.res_blocks."),
+        head_cond="concat" if mlp_in == 2 * width else "adaln",
+        head_objective=objective,
+        # The reference samples flow heads with 250 SDE steps and DDPM heads with 100 respaced steps.
+        head_sample_steps=250 if objective == "flow" else 100,
+    )
+
+
+def convert_gpt_state_dict(state: dict, heads: Optional[int] = None) -> tuple[dict, GPTConfig]:
+    """(our state dict, config) from an official GPT state dict; a top-level "state_dict" wrapper is unwrapped.
+
+    Strict: every missing, unexpected or mis-shaped key is reported by name.
+    """
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    ours = strip_prefixes(state)
+    config = infer_gpt_config(ours, heads)
+    with torch.device("meta"):
+        model = GPT(config)
+    check_state_fits(model, ours, what=f"official GPT checkpoint (inferred config {config})")
+    return {k: ours[k] for k in model.state_dict()}, config
 
 
 def convert_gpt(state: dict, overrides: Optional[list[str]] = None) -> dict:
-    from .convert_gpt import convert_gpt_state_dict
-    from .models.gpt import GPT
-    from .train_ar import ARRun
-
     # Head counts do not show in shapes: named sizes supply them, `model.heads=N` does for other sizes.
     heads = next((o.split("=", 1)[1] for o in overrides or [] if o.startswith("model.heads=")), None)
     if heads is not None and not heads.isdigit():
         raise ValueError(f"model.heads={heads}: expected a positive integer, e.g. model.heads=16")
-    ours, gpt_cfg = convert_gpt_state_dict(state, None if heads is None else int(heads))
-    raw = apply_overrides({"model": to_dict(gpt_cfg)}, overrides or [], ARRun)
-    run = from_dict(ARRun, raw)
+    ours, gpt_config = convert_gpt_state_dict(state, None if heads is None else int(heads))
+    config = from_dict(ConvertedGPT, apply_overrides({"model": to_dict(gpt_config)}, overrides or [], ConvertedGPT))
     with torch.device("meta"):  # the overrides may have changed a shape
-        check_state_fits(GPT(run.model), ours, what=f"official GPT checkpoint with {' '.join(overrides or [])}")
-    return {"kind": "autoregressive", "config": to_dict(run), "model": ours, "ema": ours, "step": 0, "epoch": 0,
-            "batch_in_epoch": 0, "converted_from": "official"}
+        check_state_fits(GPT(config.model), ours, what=f"official GPT checkpoint with {' '.join(overrides or [])}")
+    return _checkpoint("autoregressive", config, ours)
 
+
+# -- files -----------------------------------------------------------------------------------------------------------
 
 def detect_kind(state: dict) -> str:
     if any(k.startswith("dit.") for k in state) and any(k.startswith("encoder.") for k in state):
@@ -151,7 +188,7 @@ def detect_kind(state: dict) -> str:
 
 
 def convert_checkpoint(src, dst, kind: str = "auto", overrides: Optional[list[str]] = None) -> Path:
-    state = read_state_dict(Path(src))
+    state = read_weights(Path(src))
     kind = detect_kind(state) if kind == "auto" else kind
     converted = convert_tokenizer(state, overrides) if kind == "tokenizer" else convert_gpt(state, overrides)
     dst = Path(dst)

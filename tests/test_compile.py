@@ -16,9 +16,9 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed: use the checkout's
 from benchmarks import bench_train, flops  # noqa: E402
 from helpers import micro_tokenizer_run  # noqa: E402
-from semanticist_fast.engine.checkpoint import load_checkpoint  # noqa: E402
+from semanticist_fast.common.runs import load_checkpoint  # noqa: E402
 from semanticist_fast.kernels import dispatch  # noqa: E402
-from semanticist_fast.kernels.compile import compile_blocks  # noqa: E402
+from semanticist_fast.engine.compile import compile_blocks  # noqa: E402
 from semanticist_fast.models.dinov2 import small_test_dinov2  # noqa: E402
 from semanticist_fast.models.dit import DecoderConfig  # noqa: E402
 from semanticist_fast.models.gpt import GPT, GPTConfig  # noqa: E402
@@ -26,8 +26,8 @@ from semanticist_fast.models.latent_codec import CodecConfig  # noqa: E402
 from semanticist_fast.models.tokenizer import SemanticistTokenizer, TokenizerConfig  # noqa: E402
 from semanticist_fast.models.vae_kl import AutoencoderKL, VAEConfig  # noqa: E402
 from semanticist_fast.models.vit import EncoderConfig  # noqa: E402
-from semanticist_fast.sampling import generate  # noqa: E402
-from semanticist_fast.train_tokenizer import train_tokenizer  # noqa: E402
+from semanticist_fast.inference.generation import generate  # noqa: E402
+from semanticist_fast.tasks import train as train_tokenizer  # noqa: E402
 
 # Two encoder blocks with drop-path rates 0 and 0.1 (two graphs), one DiT block, batch 8: the micro tokenizer.
 TOKENIZER_OVERRIDES = ("model.encoder.depth=2", "model.encoder.drop_path=0.1")
@@ -124,7 +124,7 @@ def test_tokenizer_blocks_compiled_match_eager(fast):
         images = torch.rand(BATCH, 3, 16, 16, generator=g)
         keep = torch.randint(0, model.num_slots + 1, (BATCH,), generator=g)
         x_t, t = torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 1000, (BATCH,), generator=g)
-        weight = torch.randn(BATCH, 6, 16, 16, generator=g)
+        weight = torch.randn(BATCH, model.dit.out_channels, 16, 16, generator=g)
 
         def loss(m):
             cond = m.condition(m.encode(images), keep)
@@ -151,8 +151,8 @@ def test_compiled_gpt_kv_cache_decoding_matches_eager():
     eager = copy.deepcopy(model)
     compile_blocks(model)
     labels = torch.tensor([3, 0, 9])
-    out = generate(model, labels, cfg_scale=2.5, generator=torch.Generator().manual_seed(4))
-    ref = generate(eager, labels, cfg_scale=2.5, generator=torch.Generator().manual_seed(4))
+    out = generate(model, labels, guidance=2.5, generator=torch.Generator().manual_seed(4))
+    ref = generate(eager, labels, guidance=2.5, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert model.training and model.layers[0].attention.kv_cache is None
 

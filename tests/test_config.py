@@ -6,7 +6,7 @@ import yaml
 
 from semanticist_fast.config import ConfigError, load_config, save_config, to_dict
 from semanticist_fast.models.tokenizer import SemanticistTokenizer
-from semanticist_fast.train_tokenizer import TokenizerRun
+from semanticist_fast.tasks.tokenizer import TokenizerRun
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -164,13 +164,13 @@ def test_config_files_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_config_file_loads(path, tmp_path):
-    from semanticist_fast.cli import _train_target
+    from semanticist_fast.tasks import spec_for_file
 
-    kind, run_cls, _ = _train_target(str(path))
-    run = load_config(run_cls, path)
-    assert run.kind == kind
+    spec = spec_for_file(path)
+    run = load_config(spec.run_config, path)
+    assert run.kind == spec.kind
     save_config(run, tmp_path / path.name)
-    assert load_config(run_cls, tmp_path / path.name) == run
+    assert load_config(spec.run_config, tmp_path / path.name) == run
 
 
 def test_tiny_config_builds_its_model():
@@ -182,3 +182,45 @@ def test_tiny_config_builds_its_model():
     model = SemanticistTokenizer(run.model)
     assert model.num_slots == run.model.encoder.num_slots
     assert model.dit.null_cond.shape == (1, run.model.encoder.num_slots, run.model.encoder.slot_dim)
+
+
+@pytest.mark.parametrize("override, new", [
+    ("model.diffusion.cfg=2.0", "model.diffusion.guidance"),
+])
+def test_renamed_key_is_an_error_that_names_the_new_one(override, new, tmp_path):
+    with pytest.raises(ConfigError, match=f"renamed: use {new}"):
+        load_config(TokenizerRun, None, [override])
+    with pytest.raises(ConfigError, match=f"renamed: use {new}"):
+        load_config(TokenizerRun, _write(tmp_path, {"model": {"diffusion": {"cfg": 2.0}}}))
+
+
+def test_ar_sample_section_renames():
+    from semanticist_fast.tasks.autoregressive import ARRun
+
+    for old, new in (("cfg", "guidance"), ("cfg_schedule", "guidance_schedule"), ("decoder_cfg", "decoder_guidance")):
+        with pytest.raises(ConfigError, match=f"sample.{old} was renamed: use sample.{new}"):
+            load_config(ARRun, None, [f"sample.{old}=2"])
+
+
+def test_configs_saved_before_a_rename_still_load():
+    from semanticist_fast.config import from_dict, migrate_saved
+    from semanticist_fast.inference.generation import SampleConfig
+    from semanticist_fast.models.tokenizer import TokenizerConfig
+
+    old = {"diffusion": {"cfg": 1.5, "sample_steps": "ddim25"}, "image_size": 32, "codec": {"kind": "pixel"}}
+    cfg = from_dict(TokenizerConfig, migrate_saved(TokenizerConfig, old), prefix="model.")
+    assert cfg.diffusion.guidance == 1.5 and cfg.diffusion.sample_steps == "ddim25"
+    sample = from_dict(SampleConfig, migrate_saved(SampleConfig, {"cfg": 3.0, "decoder_cfg": 2.0}))
+    assert (sample.guidance, sample.decoder_guidance) == (3.0, 2.0)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.diffusion.objective=flow", "model.decoder.learn_sigma=true", "model.diffusion.sample_steps=euler4"],
+     "model.decoder.learn_sigma=false"),
+    (["model.diffusion.objective=flow", "model.decoder.learn_sigma=false", "model.diffusion.sample_steps=250"],
+     "model.diffusion.sample_steps='250'"),
+    (["model.diffusion.objective=ddpm", "model.diffusion.sample_steps=euler4"], "model.diffusion.sample_steps='euler4'"),
+])
+def test_objective_and_sampler_must_agree(overrides, key):
+    with pytest.raises(ValueError, match=key.replace("'", ".").replace("=", ".")):
+        load_config(TokenizerRun, None, ["model.codec.kind=pixel"] + overrides)

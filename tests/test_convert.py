@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from semanticist_fast.config import from_dict
-from semanticist_fast.convert import convert_tokenizer, detect_kind, read_state_dict, strip_prefixes
+from semanticist_fast.convert import convert_tokenizer, detect_kind
+from semanticist_fast.models.weights import read_weights, strip_prefixes
 from semanticist_fast.models.dit import DecoderConfig
 from semanticist_fast.models.latent_codec import CodecConfig, PixelCodec
 from semanticist_fast.models.tokenizer import SemanticistTokenizer, TokenizerConfig
 from semanticist_fast.models.vit import EncoderConfig
-from semanticist_fast.tokenizer import Tokenizer
-from semanticist_fast.train_tokenizer import TokenizerRun
+from semanticist_fast.inference import Tokenizer
+from semanticist_fast.tasks.tokenizer import TokenizerRun
 
 from helpers import LAYOUTS, parse_layout
 
@@ -192,7 +193,7 @@ def test_cli_convert_end_to_end(small_official, tmp_path):
     assert dst.is_file() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     tok = Tokenizer.from_checkpoint(dst, device="cpu")
-    cfg = tok.cfg
+    cfg = tok.config
     assert cfg.image_size == 32 and cfg.codec.kind == "pixel"
     assert cfg.encoder.resolved() == (192, 2, 3, 16) and cfg.encoder.num_slots == 8
     assert cfg.decoder.resolved() == (12, 384, 6) and cfg.decoder.patch_size == 4
@@ -249,20 +250,20 @@ def test_read_state_dict_safetensors_and_half_precision(tmp_path):
     state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
     path = tmp_path / "official.safetensors"
     save_file({f"_orig_mod.{k}": v for k, v in state.items()}, str(path))
-    loaded = read_state_dict(path)
+    loaded = read_weights(path)
     assert set(loaded) == set(state)
     converted = convert_tokenizer(loaded)
     for name in ("encoder.cls_token", "dit.blocks.11.adaLN_modulation.1.weight"):
         assert converted["model"][name].dtype == torch.float32
         assert torch.equal(converted["model"][name], state[name].float())
     with pytest.raises(FileNotFoundError):
-        read_state_dict(tmp_path / "missing.pth")
+        read_weights(tmp_path / "missing.pth")
 
 
 def test_cli_converts_a_gpt_checkpoint_of_custom_size(tmp_path):
     """An official-layout GPT state dict (wrapped, prefixed) -> `semanticist-fast convert` -> the AR loader."""
     from semanticist_fast.models.gpt import GPT, GPTConfig
-    from semanticist_fast.sample_cli import load_ar
+    from semanticist_fast.inference import load_generator
 
     torch.manual_seed(0)
     cfg = GPTConfig(size="custom", layers=2, heads=4, dim=64, num_tokens=6, num_classes=10, head_width=32,
@@ -272,8 +273,8 @@ def test_cli_converts_a_gpt_checkpoint_of_custom_size(tmp_path):
     r = subprocess.run([sys.executable, "-m", "semanticist_fast", "convert", str(tmp_path / "official.pth"),
                         str(tmp_path / "ours.pt"), "--kind", "gpt", "model.heads=4"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    loaded, run = load_ar(tmp_path / "ours.pt", "cpu")
-    assert run.model.resolved() == (2, 4, 64) and run.model.num_tokens == 6
+    loaded = load_generator(tmp_path / "ours.pt", "cpu").gpt
+    assert loaded.config.resolved() == (2, 4, 64) and loaded.config.num_tokens == 6
     labels, tokens = torch.tensor([1, 7]), torch.randn(2, 5, 16)
     torch.testing.assert_close(loaded(labels, tokens), gpt(labels, tokens), rtol=0, atol=0)
     r = subprocess.run([sys.executable, "-m", "semanticist_fast", "convert", str(tmp_path / "official.pth"),

@@ -8,15 +8,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from semanticist_fast.common.seeds import derive_seed, seeded_generator
 from semanticist_fast.data.folder import ImageFolderDataset
 from semanticist_fast.data.procedural import ProceduralImages, class_signature, classify
 from semanticist_fast.data.transforms import (
     build_transform,
     center_crop_arr,
-    derive_seed,
     random_crop_arr,
     random_hflip,
-    seeded_generator,
     ten_crop_sizes,
     ten_crop_views,
     to_tensor,

@@ -161,8 +161,8 @@ def test_head_sampling_fast_equals_naive_with_cfg(objective):
     randomize(head.net, seed=1)
     head.net.final_layer.linear.weight.data *= 0.1  # keep the chain tame with random weights
     cond = torch.randn(6, 12)  # 3 conditional rows, then 3 unconditional
-    fast = head.sample(cond, cfg=2.5, generator=torch.Generator().manual_seed(7), sampler="sde")
-    naive = head.sample(cond, cfg=2.5, generator=torch.Generator().manual_seed(7), sampler="sde_naive")
+    fast = head.sample(cond, guidance=2.5, generator=torch.Generator().manual_seed(7), sampler="sde")
+    naive = head.sample(cond, guidance=2.5, generator=torch.Generator().manual_seed(7), sampler="sde_naive")
     assert fast.shape == (3, 16) and torch.isfinite(fast).all()
     torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-4)
 

@@ -6,19 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from semanticist_fast.engine.checkpoint import (
-    atomic_torch_save,
-    atomic_write_text,
-    check_state_fits,
-    checkpoint_path,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_model_state,
-    prune_checkpoints,
-)
+from semanticist_fast.common.files import atomic_torch_save, atomic_write_text
+from semanticist_fast.common.runs import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
+from semanticist_fast.engine.checkpoint import prune_checkpoints
+from semanticist_fast.models.weights import check_state_fits, load_model_state
 from semanticist_fast.engine.ema import EMA
-from semanticist_fast.engine.optim import build_adamw, param_groups
+from semanticist_fast.engine.optimizer import build_adamw, param_groups
 from semanticist_fast.engine.schedule import lr_at
 
 
@@ -239,3 +232,4 @@ def test_build_adamw_groups_and_step():
     opt.step()
     # First AdamW step moves each parameter by lr * sign(grad) (bias has no decay).
     torch.testing.assert_close(model.bias.detach(), before - 0.1 * torch.sign(model.bias.grad), rtol=1e-4, atol=1e-5)
+

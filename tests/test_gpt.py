@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semanticist_fast.convert_gpt import convert_gpt_state_dict, infer_gpt_config
+from semanticist_fast.convert import convert_gpt_state_dict, infer_gpt_config
 from semanticist_fast.models.gpt import GPT, GPTConfig, ffn_hidden
-from semanticist_fast.sampling import cfg_at, generate
+from semanticist_fast.inference.generation import generate, guidance_at
 
 from helpers import layout_shapes
 
@@ -160,13 +160,13 @@ def test_training_step_reduces_loss(objective):
 
 
 # -- sampling --------------------------------------------------------------------------------------------------------
-def test_cfg_schedule():
-    assert cfg_at(6.0, 0, 32, "linear") == pytest.approx(1 + 5 / 32)
-    assert cfg_at(6.0, 31, 32, "linear") == pytest.approx(6.0)
-    assert cfg_at(6.0, 15, 32, "linear") == pytest.approx(1 + 5 * 16 / 32)
-    assert cfg_at(6.0, 3, 32, "constant") == 6.0
-    with pytest.raises(ValueError, match="cfg schedule"):
-        cfg_at(6.0, 0, 32, "cosine")
+def test_guidance_schedule():
+    assert guidance_at(6.0, 0, 32, "linear") == pytest.approx(1 + 5 / 32)
+    assert guidance_at(6.0, 31, 32, "linear") == pytest.approx(6.0)
+    assert guidance_at(6.0, 15, 32, "linear") == pytest.approx(1 + 5 * 16 / 32)
+    assert guidance_at(6.0, 3, 32, "constant") == 6.0
+    with pytest.raises(ValueError, match="guidance schedule"):
+        guidance_at(6.0, 0, 32, "cosine")
 
 
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
@@ -176,7 +176,7 @@ def test_generate_cached_equals_naive(objective):
 
     def run(**kwargs):
         gen = torch.Generator().manual_seed(0)
-        return generate(model, labels, cfg_scale=2.0, generator=gen, head_steps=6, **kwargs)
+        return generate(model, labels, guidance=2.0, generator=gen, head_steps=6, **kwargs)
 
     fast = run()
     assert fast.shape == (3, model.num_tokens, 16) and torch.isfinite(fast).all()
@@ -188,27 +188,27 @@ def test_generate_cached_equals_naive(objective):
         torch.testing.assert_close(other / scale, fast / scale, rtol=0, atol=1e-5)
 
 
-def test_generate_cfg_uses_null_class_and_shared_noise():
+def test_generate_guidance_uses_null_class_and_shared_noise():
     model = randomized(GPT(tiny_config())).eval()
     labels = torch.tensor([4, 4])
-    kwargs = dict(cfg_schedule="constant", head_steps=5)
-    plain = generate(model, labels, cfg_scale=1.0, generator=torch.Generator().manual_seed(2), **kwargs)
-    guided = generate(model, labels, cfg_scale=3.0, generator=torch.Generator().manual_seed(2), **kwargs)
+    kwargs = dict(guidance_schedule="constant", head_steps=5)
+    plain = generate(model, labels, guidance=1.0, generator=torch.Generator().manual_seed(2), **kwargs)
+    guided = generate(model, labels, guidance=3.0, generator=torch.Generator().manual_seed(2), **kwargs)
     assert not torch.allclose(plain, guided, atol=1e-3)
     # With the null class embedding equal to class 4, cond == uncond: guidance must be a no-op,
     # which also shows both halves are driven by the same noise.
     with torch.no_grad():
         model.cls_embedding.embedding_table.weight[model.num_classes] = model.cls_embedding.embedding_table.weight[4]
-    plain = generate(model, labels, cfg_scale=1.0, generator=torch.Generator().manual_seed(2), **kwargs)
-    guided = generate(model, labels, cfg_scale=3.0, generator=torch.Generator().manual_seed(2), **kwargs)
+    plain = generate(model, labels, guidance=1.0, generator=torch.Generator().manual_seed(2), **kwargs)
+    guided = generate(model, labels, guidance=3.0, generator=torch.Generator().manual_seed(2), **kwargs)
     torch.testing.assert_close(guided, plain, rtol=1e-4, atol=1e-4)
 
 
 def test_generate_ode_is_deterministic():
     model = randomized(GPT(tiny_config())).eval()
     labels = torch.tensor([1, 2, 9])
-    a = generate(model, labels, cfg_scale=2.0, sampler="ode", generator=torch.Generator().manual_seed(0), head_steps=4)
-    b = generate(model, labels, cfg_scale=2.0, sampler="ode", generator=torch.Generator().manual_seed(0), head_steps=4)
+    a = generate(model, labels, guidance=2.0, sampler="ode", generator=torch.Generator().manual_seed(0), head_steps=4)
+    b = generate(model, labels, guidance=2.0, sampler="ode", generator=torch.Generator().manual_seed(0), head_steps=4)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

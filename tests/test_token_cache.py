@@ -10,7 +10,7 @@ from semanticist_fast.config import to_dict
 from semanticist_fast.data.procedural import ProceduralImages
 from semanticist_fast.data.token_cache import TokenCache, build_token_cache, image_views
 from semanticist_fast.models.tokenizer import SemanticistTokenizer
-from semanticist_fast.tokenizer import Tokenizer
+from semanticist_fast.inference import Tokenizer
 
 N_TOKENS = 3
 DESC = {"dataset": "procedural", "test": True}

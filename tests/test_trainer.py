@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import MICRO_TOKENIZER, micro_tokenizer_run
-from semanticist_fast.engine.checkpoint import list_checkpoints, load_checkpoint
-from semanticist_fast.train_tokenizer import train_tokenizer
+from semanticist_fast.common.runs import list_checkpoints, load_checkpoint
+from semanticist_fast.tasks import train as train_tokenizer
 
 
 def read_losses(out: Path) -> dict[int, float]:
@@ -101,7 +101,7 @@ def test_resume_with_another_config_is_refused_and_loses_nothing(tmp_path):
 
 def test_checkpoint_from_another_config_does_not_load(tmp_path):
     from semanticist_fast.config import to_dict
-    from semanticist_fast.tokenizer import Tokenizer
+    from semanticist_fast.inference import Tokenizer
 
     train_tokenizer(micro_tokenizer_run(), tmp_path, stop_at_step=4)
     path = list_checkpoints(tmp_path)[-1]
@@ -111,3 +111,19 @@ def test_checkpoint_from_another_config_does_not_load(tmp_path):
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="does not fit this model"):
         Tokenizer.from_checkpoint(tmp_path / "bad.pt", device="cpu")
+
+
+def test_published_ddpm_decoder_trains_and_decodes(tmp_path):
+    """The tiny config trains a flow decoder; the published DDPM decoder (learned variance, VLB) keeps its path."""
+    from semanticist_fast.inference import Tokenizer
+
+    ddpm = ("model.diffusion.objective=ddpm", "model.decoder.learn_sigma=true", "model.diffusion.sample_steps=ddim5",
+            "model.decoder.linear_slot_path=false", "model.encoder.input_range=unit", "model.encoder.pos_embed_std=0.02")
+    train_tokenizer(micro_tokenizer_run(*ddpm), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("vb" in r and r["loss"] > r["mse"] for r in records)  # the hybrid loss: MSE + the VLB term
+    tok = Tokenizer.from_checkpoint(tmp_path, device="cpu")
+    assert tok.model.dit.out_channels == 6 and tok.model.dit.slot_to_patches is None
+    images = torch.rand(2, 3, 16, 16)
+    out = tok.decode(tok.encode(images), num_tokens=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1

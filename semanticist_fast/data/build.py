@@ -37,6 +37,14 @@ def build_dataset(cfg: DataConfig, image_size: int, split: str = "train", seed: 
     return ImageFolderDataset(cfg.val_root, build_transform("center_crop", image_size, False))
 
 
+def held_out_dataset(cfg: DataConfig, image_size: int, seed: int = 0):
+    """The images that previews and `reconstruct` show: the built-in val split or data.val_root; without either,
+    the training images themselves (centre crops are not held out then)."""
+    if cfg.dataset == "procedural" or cfg.val_root:
+        return build_dataset(cfg, image_size, "val", seed=seed)
+    return build_dataset(cfg, image_size, "train", seed=seed)
+
+
 def load_images(paths: list[str], image_size: int):
     """User-given image files -> (N, 3, S, S) in [0, 1] with the ADM centre crop."""
     import torch

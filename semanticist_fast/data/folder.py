@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from semanticist_fast.data.transforms import seeded_generator, to_tensor
+from ..common.seeds import seeded_generator
+from .transforms import to_tensor
 
 logger = logging.getLogger(__name__)
 

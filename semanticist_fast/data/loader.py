@@ -1,15 +1,17 @@
 """Seeded, resumable batch order.
 
 The order of epoch e is a permutation drawn from (seed, e), and every item's augmentation is drawn from
-(seed, e, index). So the position (epoch, batch) in a checkpoint fully determines the next batches: a resumed
-run sees exactly the batches of an uninterrupted one, whatever the number of workers.
+(seed, e, index), all through the one seed scheme of common/seeds.py. So the position (epoch, batch) in a
+checkpoint fully determines the next batches: a resumed run sees exactly the batches of an uninterrupted one,
+whatever the number of workers.
 """
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..common.seeds import derive_seed, seeded_generator
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + index) % (2 ** 63 - 1)
+# Streams of the seed scheme, so the order, the augmentations and the loader never share a seed.
+_ORDER, _ITEM, _LOADER = 1, 2, 3
 
 
 class SeededItems(Dataset):
@@ -31,11 +33,12 @@ class SeededItems(Dataset):
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[tuple[int, int]]]:
     if shuffle:
-        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 10_007 + epoch)).tolist()
+        order = torch.randperm(num_items, generator=seeded_generator(seed, _ORDER, epoch)).tolist()
     else:
         order = list(range(num_items))
     usable = steps_per_epoch(num_items, batch_size) * batch_size  # no ragged last batch: every step is full
-    return [[(i, item_seed(seed, epoch, i)) for i in order[b:b + batch_size]] for b in range(0, usable, batch_size)]
+    return [[(i, derive_seed(seed, _ITEM, epoch, i)) for i in order[b:b + batch_size]]
+            for b in range(0, usable, batch_size)]
 
 
 def steps_per_epoch(num_items: int, batch_size: int) -> int:
@@ -55,5 +58,5 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, start_batch: i
         SeededItems(dataset), batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=False,
         # An explicit generator keeps the loader from consuming the global RNG, which the checkpoint restores.
-        generator=torch.Generator().manual_seed(seed + epoch),
+        generator=seeded_generator(seed, _LOADER, epoch),
     )

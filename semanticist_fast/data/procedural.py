@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from semanticist_fast.data.transforms import seeded_generator
+from ..common.seeds import seeded_generator
 
 NUM_SHAPE_TYPES = 5
 DISC, SQUARE, DIAMOND, RING, CROSS = range(NUM_SHAPE_TYPES)

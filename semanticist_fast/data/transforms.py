@@ -3,8 +3,8 @@
 The crops follow ADM (guided-diffusion) semantics because the published tokenizer numbers were
 measured on ADM centre crops: halve with a BOX filter while the short side is at least twice the
 target (better anti-aliasing than one big bicubic step), then one BICUBIC resize to the exact short
-side, then crop. All randomness comes from an explicit torch.Generator so that a resumed run can
-replay the same augmentations.
+side, then crop. All randomness comes from an explicit torch.Generator (common/seeds.py) so that a resumed
+run can replay the same augmentations.
 """
 
 from __future__ import annotations
@@ -19,32 +19,6 @@ from PIL import Image
 
 TEN_CROP_SCALES = (1.05, 1.10)
 TEN_CROP_POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*keys: int) -> int:
-    """A 64-bit seed that is a pure function of the integer keys (e.g. seed, stream, index).
-
-    Chained splitmix64 rather than arithmetic like `seed * 1000 + index`, which collides across keys.
-    """
-    h = 0
-    for k in keys:
-        h = _splitmix64(h ^ (int(k) & _MASK64))
-    return h
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(derive_seed(*keys))
-    return g
 
 
 def to_tensor(pil: Image.Image) -> torch.Tensor:

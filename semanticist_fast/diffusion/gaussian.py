@@ -138,11 +138,13 @@ class GaussianDiffusion(nn.Module):
     def model_timesteps(self, t):
         return self.timestep_map[t]
 
-    def training_losses(self, model_fn: ModelFn, x_start, t, noise=None):
+    def training_losses(self, model_fn: ModelFn, x_start, t=None, noise=None):
         """MSE on epsilon plus the VLB term on the learned variance, with the mean detached (ADM's hybrid loss).
 
-        Returns per-sample tensors: {"loss", "mse", "vb"}.
+        t: (B,) timesteps, uniform over the chain when not given. Returns per-sample tensors: {"loss", "mse", "vb"}.
         """
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
@@ -217,3 +219,31 @@ def sampler_for(steps: str, num_timesteps: int = 1000, schedule: str = "linear",
     """A respaced chain and the sampling method its name implies: "ddim25" -> DDIM, "250" -> ancestral."""
     method = "ddim" if str(steps).startswith("ddim") else "ancestral"
     return GaussianDiffusion.create(num_timesteps, schedule, str(steps), learn_sigma), method
+
+
+class DDPMSampling:
+    """The decoder-facing face of a trained chain: training losses on it, and samplers by name ("250", "ddim25").
+
+    Each sampler is its own respaced chain; `.to(device)` moves the training chain and every later sampler."""
+
+    def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", learn_sigma: bool = True):
+        self.num_timesteps, self.schedule, self.learn_sigma = num_timesteps, schedule, learn_sigma
+        self.chain = GaussianDiffusion.create(num_timesteps, schedule, learn_sigma=learn_sigma)
+        self.device = torch.device("cpu")
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self.chain = self.chain.to(self.device)
+        return self
+
+    def training_losses(self, model_fn: ModelFn, x_start, t=None, noise=None):
+        return self.chain.training_losses(model_fn, x_start, t, noise)
+
+    def sampler(self, spec: str):
+        chain, method = sampler_for(spec, self.num_timesteps, self.schedule, self.learn_sigma)
+        chain = chain.to(self.device)
+
+        def sample(model_fn, noise, generator=None, progress: bool = False):
+            return chain.sample(model_fn, noise, method, generator, progress)
+
+        return sample

@@ -7,59 +7,22 @@ intervals, so the hot loop never waits on the host.
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 
+from ..common.device import autocast_for
+from ..common.runs import latest_checkpoint, load_checkpoint
 from ..data.loader import epoch_loader, steps_per_epoch
-from .checkpoint import atomic_torch_save, checkpoint_path, latest_checkpoint, load_checkpoint, load_model_state, prune_checkpoints
+from ..models.weights import load_model_state
+from .checkpoint import save_checkpoint
+from .config import OptimConfig, TrainConfig
 from .ema import EMA
-from .optim import build_adamw
+from .optimizer import LocalOptimizerStep, OptimizerStep
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OptimConfig:
-    blr: float = 2.5e-5  # lr = blr * global_batch / 256, unless lr is set
-    lr: Optional[float] = None
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05
-    warmup_epochs: float = 10.0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr: float = 0.0
-    grad_clip: float = 3.0
-
-    def validate(self):
-        if self.grad_clip <= 0:
-            raise ValueError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 2048  # global batch per optimizer step
-    grad_accum: int = 1
-    epochs: int = 400
-    ema_decay: float = 0.999
-    seed: int = 0
-    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU always runs fp32
-    device: str = "auto"
-    num_workers: int = 4
-    log_every: int = 50
-    ckpt_every: int = 1000
-    preview_every: int = 5000  # 0 = never
-    keep_checkpoints: int = 3
-    progress: bool = True
-
-    def validate(self):
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"train.batch_size {self.batch_size} must be divisible by train.grad_accum {self.grad_accum}")
-        for key in ("batch_size", "grad_accum", "epochs", "log_every", "ckpt_every"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
 
 
 class Task(Protocol):
@@ -71,15 +34,10 @@ class Task(Protocol):
     def preview(self, model, step: int, path: Path) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Trainer:
     def __init__(self, task: Task, train_set, train: TrainConfig, optim: OptimConfig, out_dir: Path,
-                 run_config: dict, device: torch.device):
+                 run_config: dict, device: torch.device, optimizer_step: Optional[OptimizerStep] = None):
+        """optimizer_step: the seam a distributed engine fills; by default one process's AdamW."""
         self.task, self.train_set, self.cfg, self.optim_cfg = task, train_set, train, optim
         self.out_dir, self.run_config, self.device = Path(out_dir), run_config, device
         self.model = task.model
@@ -91,10 +49,10 @@ class Trainer:
         self.total_steps = train.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(optim.warmup_epochs * self.steps_per_epoch))
         self.base_lr = optim.lr if optim.lr is not None else optim.blr * train.batch_size / 256
-        self.optimizer = build_adamw(self.model, self.base_lr, optim.betas, optim.weight_decay)
+        self.optimizer_step = optimizer_step or LocalOptimizerStep(
+            self.model, self.base_lr, optim.betas, optim.weight_decay, optim.grad_clip, train.grad_accum)
         self.ema = EMA(self.model, train.ema_decay)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                       enabled=train.precision == "bf16" and device.type == "cuda")
+        self.precision_bf16 = train.precision == "bf16"
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
@@ -107,22 +65,19 @@ class Trainer:
             "config": self.run_config,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer_step.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": rng,
         }
 
     def save(self) -> Path:
-        path = checkpoint_path(self.out_dir, self.step)
-        atomic_torch_save(self.state_dict(), path)
-        prune_checkpoints(self.out_dir, self.cfg.keep_checkpoints)
-        return path
+        return save_checkpoint(self.state_dict(), self.out_dir, self.cfg.keep_checkpoints)
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         load_model_state(self.model, state["model"], what=f"checkpoint {path}")
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer_step.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -159,9 +114,9 @@ class Trainer:
                                   self.cfg.num_workers, pin_memory=self.device.type == "cuda")
             micro = 0
             for batch in loader:
-                with self.autocast:
+                with autocast_for(self.device, self.precision_bf16):
                     loss, metrics = self.task.loss(self.model, batch, self.step, self.epoch)
-                (loss / self.cfg.grad_accum).backward()
+                self.optimizer_step.backward(loss)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 count += 1
@@ -171,12 +126,8 @@ class Trainer:
                     continue
                 lr = lr_at(self.step, self.base_lr, self.warmup_steps, self.total_steps,
                            self.optim_cfg.schedule, self.optim_cfg.min_lr)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+                grad_norm = self.optimizer_step.step(lr)
                 sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float() * self.cfg.grad_accum
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 self.ema.update()
                 self.step += 1
                 epoch_done = self.batch_in_epoch >= micro_batches_per_epoch
@@ -245,7 +196,7 @@ def fit_task(task: Task, train_set, run, out_dir: Path, device: torch.device, re
     from ..config import to_dict
 
     if run.runtime.compile:
-        from ..kernels.compile import compile_blocks
+        from .compile import compile_blocks
         compile_blocks(task.model)
     trainer = Trainer(task, train_set, run.train, run.optim, out_dir, to_dict(run), device)
     log.info("%s: %.2fM trainable parameters, %d steps (%d per epoch, warmup %d), lr %.2e", task.kind,

@@ -1,9 +1,10 @@
-"""Image grids written as PNG."""
+"""Images written to disk: PNG grids, and sample archives (.npz) for later scoring."""
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from semanticist_fast.engine.checkpoint import atomic_write
+from ..common.files import atomic_write
 
 
 def save_grid(rows: list[torch.Tensor], path: Path, pad: int = 2) -> None:
@@ -19,6 +20,12 @@ def save_grid(rows: list[torch.Tensor], path: Path, pad: int = 2) -> None:
             grid[:, y:y + h, x:x + w] = row[j]
     array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     atomic_write(Path(path), lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+def save_samples(images: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+    """images (N, 3, H, W) in [0, 1] and their labels as uint8 HWC images + int labels in one .npz."""
+    array = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu() * 255).round().to(torch.uint8).numpy()
+    atomic_write(Path(path), lambda f: np.savez(f, images=array, labels=labels.cpu().numpy()))
 
 
 def token_counts(num_slots: int) -> list[int]:

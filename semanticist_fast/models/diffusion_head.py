@@ -138,8 +138,8 @@ class DiffusionHead(nn.Module):
                                                          learn_sigma=True).to(device)
         return self._chains[key]
 
-    def _model_fn(self, cond: torch.Tensor, cfg: Optional[float], naive: bool):
-        """(x, t) -> network output for the B sampled rows, guided when cfg is given.
+    def _model_fn(self, cond: torch.Tensor, guidance: Optional[float], naive: bool):
+        """(x, t) -> network output for the B sampled rows, guided when a guidance scale is given.
 
         All rows share one timestep; the fast path embeds the condition once per chain and the timestep once per
         step, the naive path (the reference's cost) redoes both for every row at every call.
@@ -153,26 +153,26 @@ class DiffusionHead(nn.Module):
             def call(x, t):
                 return self.net.denoise(x, t.reshape(-1)[:1], cond_emb)
 
-        if cfg is None:
+        if guidance is None:
             return call
         c = self.token_dim
 
         def guided(x, t):
             # Both halves see the same x (shared noise); guidance on the mean channels, variance from the cond half.
             out_cond, out_uncond = call(torch.cat([x, x]), t).float().chunk(2)
-            mean = out_uncond[:, :c] + cfg * (out_cond[:, :c] - out_uncond[:, :c])
+            mean = out_uncond[:, :c] + guidance * (out_cond[:, :c] - out_uncond[:, :c])
             return torch.cat([mean, out_cond[:, c:]], dim=1)
 
         return guided
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, cfg: Optional[float] = None, temperature: float = 1.0,
+    def sample(self, cond: torch.Tensor, guidance: Optional[float] = None, temperature: float = 1.0,
                generator: Optional[torch.Generator] = None, steps: Optional[int] = None,
                sampler: Sampler = "sde") -> torch.Tensor:
         """Sample one token per row -> (B, token_dim) float32.
 
-        cfg None: cond is (B, cond_dim). cfg a float: cond is (2B, cond_dim), conditional rows then unconditional
-        ones, and the output is guided as uncond + cfg * (cond - uncond).
+        guidance None: cond is (B, cond_dim). guidance a float: cond is (2B, cond_dim), conditional rows then
+        unconditional ones, and the output is guided as uncond + guidance * (cond - uncond) (classifier-free).
         sampler: "sde" (flow: one call per step; ddpm: ancestral), "sde_naive" (the reference's two calls per step,
         for benchmarks), "ode" (flow: Euler; ddpm: DDIM eta=0). Temperature scales the SDE / ancestral noise;
         the deterministic "ode" sampler has no other randomness, so there it scales the initial noise.
@@ -180,9 +180,9 @@ class DiffusionHead(nn.Module):
         if sampler not in ("sde", "sde_naive", "ode"):
             raise ValueError(f"head sampler {sampler!r} is not supported; choose 'sde', 'sde_naive' or 'ode'")
         steps = steps or self.sample_steps
-        rows = cond.shape[0] if cfg is None else cond.shape[0] // 2
+        rows = cond.shape[0] if guidance is None else cond.shape[0] // 2
         noise = torch.randn(rows, self.token_dim, device=cond.device, generator=generator)
-        model_fn = self._model_fn(cond, cfg, naive=sampler == "sde_naive")
+        model_fn = self._model_fn(cond, guidance, naive=sampler == "sde_naive")
         if self.objective == "flow":
             if sampler == "ode":
                 return flow.sample_ode(model_fn, noise * temperature, steps)

@@ -7,14 +7,13 @@ strictly. Weights are only ever read from a local file.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.checkpoint import check_state_fits
+from .weights import load_model_state, read_weights, strip_prefixes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,40 +164,24 @@ class DinoV2(nn.Module):
         return self.forward_features(self.preprocess(images))[:, 1:]
 
 
-_PREFIXES = ("module.", "backbone.", "model.")
+# Namespaces that a container can put in front of every key (the wrappers' prefixes are stripped anyway).
+_SHARED_PREFIXES = ("backbone.", "model.")
 
 
 def _normalise_keys(state_dict: dict[str, torch.Tensor], model: DinoV2) -> dict[str, torch.Tensor]:
     """Accepted layouts: the official torch-hub one exactly; the timm one, which is the same minus `mask_token`
-    (filled with the model's zeros: it is never used here); either with every key under one of `_PREFIXES`."""
-    for prefix in _PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    state_dict = dict(state_dict)
+    (filled with the model's zeros: it is never used here); either with every key under one namespace."""
+    state_dict = strip_prefixes(state_dict, shared=_SHARED_PREFIXES)
     if "mask_token" not in state_dict:
         state_dict["mask_token"] = model.mask_token.detach().clone()
     return state_dict
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DINOv2 weights not found at {path!r} (expected a local .pth/.pt or .safetensors)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path!r} is not a flat state dict of tensors")
-    return obj
-
-
 def load_dinov2(path: str, device: torch.device | str | None = None, config: DinoV2Config | None = None) -> DinoV2:
     """Frozen eval-mode DINOv2 from a local state dict; default config is ViT-B/14 (dinov2_vitb14_pretrain.pth)."""
     model = DinoV2(config or DinoV2Config())
-    state_dict = _normalise_keys(_read_state_dict(path), model)
-    check_state_fits(model, state_dict, what=f"DINOv2 state dict {path!r} ({model.config})")
-    model.load_state_dict(state_dict, strict=True)
+    state_dict = _normalise_keys(read_weights(path), model)
+    load_model_state(model, state_dict, what=f"DINOv2 state dict {path!r} ({model.config})")
     model.requires_grad_(False).eval()
     return model.to(device) if device is not None else model
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..kernels import dispatch
 from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from .sizes import resolve_size
 
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, hidden, heads
 
@@ -24,15 +25,15 @@ class DecoderConfig:
     repa_block: int = 8  # REPA reads the hidden state after this many blocks
     repa_proj_dim: int = 2048
     repa_target_dim: int = 768
+    # Not in the published design. Slots reach the patches only through attention, which cannot express a
+    # position-specific linear read-out of a small token set: a tiny DiT learns to read little more than the
+    # mean colour. This adds Linear(all slots -> every patch) to the patch tokens, beside the slot tokens.
+    linear_slot_path: bool = False
 
     def resolved(self) -> tuple[int, int, int]:
-        if self.size == "custom":
-            missing = [k for k in ("depth", "hidden", "heads") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"decoder.size=custom needs decoder.{', decoder.'.join(missing)} to be set")
-            return self.depth, self.hidden, self.heads
-        depth, hidden, heads = DIT_SIZES[self.size]
-        return self.depth or depth, self.hidden or hidden, self.heads or heads
+        """(depth, hidden, heads)."""
+        return resolve_size("model.decoder", self.size, DIT_SIZES, ("depth", "hidden", "heads"),
+                            (self.depth, self.hidden, self.heads))
 
     def validate(self):
         depth, hidden, heads = self.resolved()
@@ -83,6 +84,7 @@ class SlotDiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, latent_channels, hidden)
         self.t_embedder = TimestepEmbedder(hidden)
         self.autoenc_cond_embedder = nn.Linear(slot_dim, hidden)
+        self.slot_to_patches = nn.Linear(num_slots * slot_dim, self.num_patches * hidden) if cfg.linear_slot_path else None
         # The learned per-position null slot: nested dropout fills dropped positions with it, and the all-null
         # condition is the unconditional branch of classifier-free guidance.
         self.null_cond = nn.Parameter(torch.zeros(1, num_slots, slot_dim))
@@ -108,6 +110,8 @@ class SlotDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.null_cond, std=0.02)
+        if self.slot_to_patches is not None:
+            nn.init.normal_(self.slot_to_patches.weight, std=0.02)
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -124,7 +128,10 @@ class SlotDiT(nn.Module):
     def forward(self, x, t, slots, return_repa: bool = False):
         """x: noisy latents (B, C, H, W); t: (B,) timesteps; slots: (B, K, slot_dim) with dropped positions nulled."""
         h = self.x_embedder(x) + self.pos_embed
-        h = torch.cat([h, self.autoenc_cond_embedder(slots.to(h.dtype))], dim=1)
+        slots = slots.to(h.dtype)
+        if self.slot_to_patches is not None:
+            h = h + self.slot_to_patches(slots.flatten(1)).view_as(h)
+        h = torch.cat([h, self.autoenc_cond_embedder(slots)], dim=1)
         c = self.t_embedder(t)
         repa = None
         for i, block in enumerate(self.blocks):
@@ -134,18 +141,18 @@ class SlotDiT(nn.Module):
         out = self.unpatchify(self.final_layer(h[:, :self.num_patches], c))
         return (out, repa) if return_repa else out
 
-    def forward_with_cfg(self, x, t, slots, cfg_scale: float):
-        """Guided output for a batch x: runs the conditional and all-null branches as one doubled batch.
-
-        Guidance applies to the epsilon channels only; the variance channels come from the conditional branch.
+    def forward_guided(self, x, t, slots, guidance: float):
+        """Classifier-free guided output for a batch x: the conditional and all-null branches run as one doubled
+        batch. Guidance applies to the predicted epsilon (or velocity) channels only; learned-variance channels
+        come from the conditional branch.
         """
-        if cfg_scale == 1.0:
+        if guidance == 1.0:
             return self(x, t, slots)
         null = self.null_cond.expand(slots.shape[0], -1, -1).to(slots.dtype)
         out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([slots, null]))
         cond, uncond = out.chunk(2)
         C = self.in_channels
-        eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
+        eps = uncond[:, :C] + guidance * (cond[:, :C] - uncond[:, :C])
         return torch.cat([eps, cond[:, C:]], dim=1)
 
 

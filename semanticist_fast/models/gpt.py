@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..kernels import dispatch
 from .diffusion_head import DiffusionHead
+from .sizes import resolve_size
 
 GPT_SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536)}  # layers, heads, dim
 
@@ -37,16 +38,8 @@ class GPTConfig:
     head_ddpm_schedule: str = "cosine"
 
     def resolved(self) -> tuple[int, int, int]:
-        """(layers, heads, dim) from the size, with explicit fields overriding it."""
-        if self.size == "custom":
-            missing = [k for k in ("layers", "heads", "dim") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"gpt.size=custom needs gpt.{', gpt.'.join(missing)} to be set")
-            return self.layers, self.heads, self.dim
-        if self.size not in GPT_SIZES:
-            raise ValueError(f"gpt size {self.size!r} is not supported; choose one of {[*GPT_SIZES, 'custom']}")
-        layers, heads, dim = GPT_SIZES[self.size]
-        return self.layers or layers, self.heads or heads, self.dim or dim
+        """(layers, heads, dim)."""
+        return resolve_size("model", self.size, GPT_SIZES, ("layers", "heads", "dim"), (self.layers, self.heads, self.dim))
 
     def validate(self):
         _, heads, dim = self.resolved()

@@ -4,10 +4,13 @@ Frozen parts (the latent codec, the REPA teacher) are not submodules: they never
 optimizer or the EMA. The parameter names follow the official checkpoints, so conversion is renaming at most.
 """
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
+from ..diffusion.flow import RectifiedFlow, euler_steps
+from ..diffusion.gaussian import DDPMSampling
 from ..kernels import dispatch
 from .dit import DecoderConfig, SlotDiT
 from .latent_codec import CodecConfig, codec_geometry
@@ -17,16 +20,31 @@ from .vit import EncoderConfig, SlotEncoder
 
 @dataclass
 class DiffusionConfig:
-    num_timesteps: int = 1000
-    noise_schedule: str = "linear"
-    sample_steps: str = "250"  # respacing for decoding: "250" ancestral, "ddim25" DDIM
-    cfg: float = 3.0  # decoder guidance used by reconstruct/decode unless given
+    # "ddpm": the published decoder (epsilon prediction, learned variance, 1000 steps). "flow": not in the published
+    # design; rectified flow with velocity prediction, which a small decoder learns to condition on far sooner.
+    objective: Literal["ddpm", "flow"] = "ddpm"
+    num_timesteps: int = 1000  # ddpm
+    noise_schedule: str = "linear"  # ddpm
+    flow_t_mean: float = 0.0  # flow: training times t = sigmoid(N(mean, std)); t = 0 is noise, negative = noisier
+    flow_t_std: float = 1.0
+    sample_steps: str = "250"  # decoding: "250" ancestral, "ddim25" DDIM (ddpm); "euler4" Euler steps (flow)
+    guidance: float = 3.0  # decoder classifier-free guidance used by reconstruct/decode unless given
+    RENAMED: ClassVar[dict] = {"cfg": "guidance"}
 
     def validate(self):
         from ..diffusion.schedules import space_timesteps
         if self.noise_schedule not in ("linear", "cosine"):
             raise ValueError(f"model.diffusion.noise_schedule={self.noise_schedule!r}; choose 'linear' or 'cosine'")
-        space_timesteps(self.num_timesteps, self.sample_steps)
+        try:
+            if self.objective == "flow":
+                euler_steps(self.sample_steps)
+            else:
+                space_timesteps(self.num_timesteps, self.sample_steps)
+        except ValueError as e:
+            raise ValueError(f"model.diffusion.sample_steps={self.sample_steps!r} does not fit objective "
+                             f"{self.objective!r}: {e}") from None
+        if self.flow_t_std <= 0:
+            raise ValueError(f"model.diffusion.flow_t_std must be > 0, got {self.flow_t_std}")
 
 
 @dataclass
@@ -44,6 +62,19 @@ class TokenizerConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+
+    def validate(self):
+        if self.diffusion.objective == "flow" and self.decoder.learn_sigma:
+            raise ValueError("model.diffusion.objective=flow predicts a velocity and no variance: "
+                             "set model.decoder.learn_sigma=false")
+
+
+def decoder_process(cfg: TokenizerConfig):
+    """The decoder's diffusion process: `.training_losses(model_fn, latents)` and `.sampler("250" | "euler4")`."""
+    d = cfg.diffusion
+    if d.objective == "flow":
+        return RectifiedFlow(d.flow_t_mean, d.flow_t_std)
+    return DDPMSampling(d.num_timesteps, d.noise_schedule, cfg.decoder.learn_sigma)
 
 
 class SemanticistTokenizer(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.checkpoint import check_state_fits
+from .weights import load_model_state, read_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -287,14 +287,11 @@ def load_autoencoder_kl(
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
         raise FileNotFoundError(f"expected {CONFIG_NAME} and {WEIGHTS_NAME} in {path!r}")
-    from safetensors.torch import load_file
-
     with open(config_path) as f:
         cfg = VAEConfig.from_dict(json.load(f))
     model = AutoencoderKL(cfg)
-    state_dict = _rename_legacy_keys(load_file(weights_path))
-    check_state_fits(model, state_dict, what=f"VAE weights in {path!r} ({cfg})")
-    model.load_state_dict(state_dict, strict=True)
+    state_dict = _rename_legacy_keys(read_weights(weights_path))
+    load_model_state(model, state_dict, what=f"VAE weights in {path!r} ({cfg})")
     model.requires_grad_(False).eval()
     return model.to(device=device, dtype=dtype), cfg.scaling_factor
 

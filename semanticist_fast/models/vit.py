@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..kernels import dispatch
 from .layers import Attention, DropPath, Mlp, PatchEmbed
+from .sizes import resolve_size
 
 ENCODER_SIZES = {  # name: (dim, depth, heads, patch)
     "tiny": (192, 12, 3, 16),
@@ -29,15 +30,17 @@ class EncoderConfig:
     slot_dim: int = 16
     mlp_ratio: float = 4.0
     drop_path: float = 0.1
+    # Initial scale of the learned position embedding (timm's 0.02 by default). With few patches and a short
+    # schedule, 0.02 leaves the slots' attention blind to where a patch is for most of training.
+    pos_embed_std: float = 0.02
+    # "unit": the published encoder sees pixels in [0, 1]; "signed": 2x - 1, so the patch embedding starts without
+    # the large shared offset that makes every patch look alike (the mean colour) to a freshly initialised encoder.
+    input_range: Literal["unit", "signed"] = "unit"
 
     def resolved(self) -> tuple[int, int, int, int]:
-        if self.size == "custom":
-            missing = [k for k in ("dim", "depth", "heads", "patch_size") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"encoder.size=custom needs encoder.{', encoder.'.join(missing)} to be set")
-            return self.dim, self.depth, self.heads, self.patch_size
-        dim, depth, heads, patch = ENCODER_SIZES[self.size]
-        return (self.dim or dim, self.depth or depth, self.heads or heads, self.patch_size or patch)
+        """(dim, depth, heads, patch_size)."""
+        return resolve_size("model.encoder", self.size, ENCODER_SIZES, ("dim", "depth", "heads", "patch_size"),
+                            (self.dim, self.depth, self.heads, self.patch_size))
 
     def validate(self):
         dim, depth, heads, patch = self.resolved()
@@ -74,11 +77,12 @@ class SlotEncoder(nn.Module):
         rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth ramps over depth
         self.blocks = nn.ModuleList(EncoderBlock(dim, heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self._init_weights()
+        self.signed_input = cfg.input_range == "signed"
+        self._init_weights(cfg.pos_embed_std)
 
-    def _init_weights(self):
-        for p in (self.cls_token, self.pos_embed, self.slot_embed):
-            nn.init.trunc_normal_(p, std=0.02)
+    def _init_weights(self, pos_embed_std: float):
+        for p, std in ((self.cls_token, 0.02), (self.pos_embed, pos_embed_std), (self.slot_embed, 0.02)):
+            nn.init.trunc_normal_(p, std=std)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -86,7 +90,7 @@ class SlotEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images in [0, 1] (B, 3, H, W) -> normalised slot features (B, num_slots, dim)."""
-        x = self.patch_embed(images)
+        x = self.patch_embed(images * 2 - 1 if self.signed_input else images)
         B = x.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), x, self.slot_embed.expand(B, -1, -1)], dim=1)
         x = x + self.pos_embed

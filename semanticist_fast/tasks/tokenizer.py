@@ -1,4 +1,4 @@
-"""Stage 1: train the Semanticist tokenizer."""
+"""Stage 1: the Semanticist tokenizer, as a training task."""
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -6,22 +6,16 @@ from typing import Literal, Optional
 
 import torch
 
-from .data.build import DataConfig, build_dataset
-from .diffusion.gaussian import GaussianDiffusion
-from .engine.trainer import OptimConfig, TrainConfig, fit_task, resolve_device
-from .eval.grid import save_grid, token_counts
-from .kernels.dispatch import set_fast_paths
-from .models.dit import repa_loss
-from .models.latent_codec import build_codec
-from .models.tokenizer import SemanticistTokenizer, TokenizerConfig
+from ..data.build import DataConfig, build_dataset, held_out_dataset
+from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
+from ..eval.grid import save_grid, token_counts
+from ..inference.tokenizer import Tokenizer
+from ..models.dit import repa_loss
+from ..models.latent_codec import build_codec
+from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, decoder_process
+from .spec import TaskSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RuntimeConfig:
-    fast_kernels: bool = True  # Triton / C++ / flash paths; false = plain PyTorch everywhere
-    compile: bool = False  # regional torch.compile of the transformer blocks
 
 
 @dataclass
@@ -33,7 +27,7 @@ class TokenizerRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     preview_images: int = 8
-    preview_steps: str = "ddim25"
+    preview_steps: Optional[str] = None  # decoder steps of the previews; None: model.diffusion.sample_steps
 
 
 class TokenizerTask:
@@ -46,11 +40,10 @@ class TokenizerTask:
         self.run, self.device = run, device
         self.codec = build_codec(cfg.codec).to(device) if codec is None else codec
         self.model = SemanticistTokenizer(cfg).to(device)
-        self.diffusion = GaussianDiffusion.create(cfg.diffusion.num_timesteps, cfg.diffusion.noise_schedule,
-                                                  learn_sigma=cfg.decoder.learn_sigma).to(device)
+        self.process = decoder_process(cfg).to(device)
         self.teacher = teacher
         if teacher is None and cfg.repa.teacher_path:
-            from .models.dinov2 import load_dinov2
+            from ..models.dinov2 import load_dinov2
             self.teacher = load_dinov2(cfg.repa.teacher_path, device=device)
         elif teacher is None:
             log.info("REPA is off: no model.repa.teacher_path given")
@@ -64,7 +57,6 @@ class TokenizerTask:
         tokens = model.encode(images)
         keep = model.nested.sample_keep(images.shape[0], step, epoch, self.device)
         cond = model.condition(tokens, keep)
-        t = torch.randint(0, self.diffusion.num_timesteps, (images.shape[0],), device=self.device)
         projected = {}
 
         def denoiser(x_t, timesteps):
@@ -73,7 +65,7 @@ class TokenizerTask:
             out, projected["repa"] = model.dit(x_t, timesteps, cond, return_repa=True)
             return out
 
-        terms = self.diffusion.training_losses(denoiser, latents, t)
+        terms = self.process.training_losses(denoiser, latents)
         loss = terms["loss"].mean()
         metrics = {"loss": loss, "mse": terms["mse"].mean()}
         if "vb" in terms:
@@ -88,8 +80,6 @@ class TokenizerTask:
     @torch.no_grad()
     def preview(self, model: SemanticistTokenizer, step: int, path: Path) -> None:
         """Reconstructions of fixed held-out images from 1, 2, 4, ... tokens (rows), originals on top."""
-        from .tokenizer import Tokenizer
-
         was_training = model.training
         tok = Tokenizer(model, self.codec, self.device)
         generator = torch.Generator(self.device).manual_seed(0)
@@ -99,17 +89,11 @@ class TokenizerTask:
         model.train(was_training)
 
 
-def train_tokenizer(run: TokenizerRun, out_dir: Path, resume: bool = False, stop_at_step=None) -> dict:
-    set_fast_paths(run.runtime.fast_kernels)
-    device = resolve_device(run.train.device)
-    torch.manual_seed(run.train.seed)
+def build(run: TokenizerRun, out_dir: Path, device: torch.device):
     train_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed)
-    val_set = _held_out(run)
+    val_set = held_out_dataset(run.data, run.model.image_size, run.train.seed)
     preview = torch.stack([val_set[i][0] for i in range(min(run.preview_images, len(val_set)))]).to(device)
-    return fit_task(TokenizerTask(run, device, preview), train_set, run, out_dir, device, resume, stop_at_step)
+    return TokenizerTask(run, device, preview), train_set
 
 
-def _held_out(run: TokenizerRun):
-    if run.data.dataset == "procedural" or run.data.val_root:
-        return build_dataset(run.data, run.model.image_size, "val", seed=run.train.seed)
-    return build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed)
+SPEC = TaskSpec(kind="tokenizer", run_config=TokenizerRun, build=build)

@@ -1,14 +1,13 @@
-"""The user-facing tokenizer: images -> ordered tokens -> images, from a training checkpoint."""
+"""The user-facing tokenizer: images -> ordered tokens -> images, from a checkpoint."""
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import from_dict
-from .diffusion.gaussian import sampler_for
-from .engine.checkpoint import load_checkpoint, load_model_state
-from .models.latent_codec import build_codec
-from .models.tokenizer import SemanticistTokenizer, TokenizerConfig
+from ..common.device import resolve_device
+from ..models.latent_codec import build_codec
+from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, decoder_process
+from .checkpoints import load_model
 
 
 class Tokenizer:
@@ -16,31 +15,33 @@ class Tokenizer:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.codec = codec.to(self.device).eval()
-        self.cfg: TokenizerConfig = model.cfg
+        self.config: TokenizerConfig = model.cfg
+        self.process = decoder_process(self.config).to(self.device)
         self._samplers: dict = {}
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: Optional[str] = None, use_ema: bool = True,
                         codec_path: Optional[str] = None) -> "Tokenizer":
-        """Load a training checkpoint (or a run directory: its newest checkpoint), EMA weights by default."""
-        state = load_checkpoint(path, mmap=True)
-        if state.get("kind") != "tokenizer":
-            raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint, not a tokenizer checkpoint")
-        model_cfg = dict(state["config"]["model"])
-        if codec_path is not None:
-            model_cfg["codec"] = {**model_cfg["codec"], "path": codec_path}
-        cfg = from_dict(TokenizerConfig, model_cfg, prefix="model.")
-        codec = build_codec(cfg.codec)
-        model = SemanticistTokenizer(cfg)
-        load_model_state(model, state["ema" if use_ema else "model"], what=f"checkpoint {path}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, codec, device)
+        """Load a checkpoint (or a run directory: its newest checkpoint), EMA weights by default."""
+        def with_codec_path(model_config: dict) -> dict:
+            if codec_path is None:
+                return model_config
+            return {**model_config, "codec": {**model_config["codec"], "path": codec_path}}
+
+        model, _ = load_model(path, "tokenizer", TokenizerConfig, SemanticistTokenizer, use_ema, with_codec_path)
+        return cls(model, build_codec(model.cfg.codec), resolve_device(device))
+
+    @property
+    def num_slots(self) -> int:
+        return self.model.num_slots
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
 
     def _sampler(self, steps: str):
         if steps not in self._samplers:
-            d = self.cfg.diffusion
-            diffusion, method = sampler_for(steps, d.num_timesteps, d.noise_schedule, self.cfg.decoder.learn_sigma)
-            self._samplers[steps] = (diffusion.to(self.device), method)
+            self._samplers[steps] = self.process.sampler(steps)
         return self._samplers[steps]
 
     @torch.no_grad()
@@ -48,16 +49,21 @@ class Tokenizer:
         """images in [0, 1], (B, 3, H, W) -> tokens (B, K, D)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        size = self.cfg.image_size
+        size = self.config.image_size
         if images.shape[-2:] != (size, size):
             raise ValueError(f"this tokenizer takes {size}x{size} images, got {tuple(images.shape[-2:])}; "
                              f"centre-crop them first (semanticist_fast.data.transforms.center_crop_arr)")
         return self.model.encode(images.to(self.device, torch.float32))
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, num_tokens: Optional[int] = None, cfg: Optional[float] = None,
-               steps: Optional[str] = None, generator: Optional[torch.Generator] = None, progress: bool = False) -> torch.Tensor:
-        """tokens (B, K', D) with K' <= K -> images in [0, 1]. Only the first num_tokens are used; the rest are null."""
+    def decode(self, tokens: torch.Tensor, num_tokens: Optional[int] = None, guidance: Optional[float] = None,
+               steps: Optional[str] = None, generator: Optional[torch.Generator] = None,
+               progress: bool = False) -> torch.Tensor:
+        """tokens (B, K', D) with K' <= K -> images in [0, 1]. Only the first num_tokens are used; the rest are null.
+
+        guidance: the decoder's classifier-free guidance scale (default: the config's model.diffusion.guidance).
+        steps: "250" / "ddim25" (ddpm decoders), "euler4" (flow decoders); default: model.diffusion.sample_steps.
+        """
         K, given = self.model.num_slots, tokens.shape[1]
         if given > K:
             raise ValueError(f"this tokenizer has {K} slots, got {given} tokens per image")
@@ -68,12 +74,12 @@ class Tokenizer:
         if given < K:  # a prefix (e.g. from the AR model): pad; prefix_condition nulls every slot from k on
             tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], K - given, tokens.shape[2])], dim=1)
         cond = self.model.prefix_condition(tokens, k)
-        cfg = self.cfg.diffusion.cfg if cfg is None else cfg
-        diffusion, method = self._sampler(str(steps or self.cfg.diffusion.sample_steps))
+        guidance = self.config.diffusion.guidance if guidance is None else guidance
+        sample = self._sampler(str(steps or self.config.diffusion.sample_steps))
         dit = self.model.dit
         shape = (tokens.shape[0], dit.in_channels, dit.grid * dit.patch_size, dit.grid * dit.patch_size)
         noise = torch.randn(shape, device=self.device, generator=generator)
-        latents = diffusion.sample(lambda x, t: dit.forward_with_cfg(x, t, cond, cfg), noise, method, generator, progress)
+        latents = sample(lambda x, t: dit.forward_guided(x, t, cond, guidance), noise, generator, progress)
         return self.codec.decode(latents).clamp(0, 1)
 
     @torch.no_grad()

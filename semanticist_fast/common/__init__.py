@@ -1,0 +1,1 @@
+"""The ground floor: file writes, the run-directory layout, devices and seeds. Imports nothing of the package."""

@@ -1,0 +1,112 @@
+"""Class-conditional generation with epsilon-LlamaGen: the one sampling loop, its settings and its loader.
+
+Fast path: static KV cache, the class token prefilled, then one position per step; the diffusion head makes one
+network call per SDE step. Naive path (use_kv_cache=False, sampler="sde_naive"): the full prefix is re-run every
+step and the head calls its network twice per step, as the reference does; it exists to benchmark against.
+"""
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar, Literal, Optional, Union
+
+import torch
+
+from ..common.device import resolve_device
+from ..config import from_dict, migrate_saved
+from ..models.gpt import GPT, GPTConfig
+from .checkpoints import load_model
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class SampleConfig:
+    guidance: float = 4.0  # classifier-free guidance on the class
+    guidance_schedule: Literal["linear", "constant"] = "linear"
+    temperature: float = 1.0
+    head_steps: Optional[int] = None  # None: the model's head_sample_steps
+    sampler: Literal["sde", "ode"] = "sde"
+    decoder_guidance: Optional[float] = None  # None: the tokenizer's
+    decoder_steps: Optional[str] = None
+    RENAMED: ClassVar[dict] = {"cfg": "guidance", "cfg_schedule": "guidance_schedule",
+                               "decoder_cfg": "decoder_guidance"}
+
+
+def guidance_at(guidance: float, k: int, num_tokens: int, schedule: Literal["linear", "constant"] = "linear") -> float:
+    """Guidance scale for token k (0-based): "linear" is 1 + (g - 1)(k + 1) / num_tokens, reaching g at the end."""
+    if schedule == "linear":
+        return 1.0 + (guidance - 1.0) * (k + 1) / num_tokens
+    if schedule == "constant":
+        return guidance
+    raise ValueError(f"guidance schedule {schedule!r} is not supported; choose 'linear' or 'constant'")
+
+
+@torch.no_grad()
+def generate(gpt: GPT, labels: torch.Tensor, guidance: float = 1.0,
+             guidance_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
+             generator: Optional[torch.Generator] = None, head_steps: Optional[int] = None,
+             sampler: Literal["sde", "sde_naive", "ode"] = "sde", use_kv_cache: bool = True) -> torch.Tensor:
+    """Sample tokens (B, num_tokens, token_dim) float32 for class labels (B,).
+
+    guidance != 1 doubles the batch with the null class; both halves share the head's noise. head_steps None
+    uses the config's head_sample_steps. The model runs in eval mode here and is restored afterwards.
+    """
+    guidance_at(guidance, 0, gpt.num_tokens, guidance_schedule)  # fail fast on an unknown schedule name
+    guided = guidance != 1.0
+    batch, num_tokens = labels.shape[0], gpt.num_tokens
+    device = labels.device
+    all_labels = torch.cat([labels, torch.full_like(labels, gpt.num_classes)]) if guided else labels
+    in_dtype = gpt.z_proj.weight.dtype
+    tokens = torch.zeros(batch, num_tokens, gpt.config.token_dim, device=device)
+
+    was_training = gpt.training
+    gpt.eval()
+    if use_kv_cache:
+        cache_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else in_dtype
+        gpt.setup_caches(all_labels.shape[0], cache_dtype, device)
+        positions = torch.arange(num_tokens, device=device)  # built once: no host-to-device copy per token
+    try:
+        for k in range(num_tokens):
+            if use_kv_cache:
+                prev = None if k == 0 else tokens[:, k - 1:k]
+                pos = positions[k:k + 1]
+            else:
+                prev = None if k == 0 else tokens[:, :k]
+                pos = None
+            if prev is not None:
+                prev = (torch.cat([prev, prev]) if guided else prev).to(in_dtype)
+            # Prefill (k = 0) feeds the class token; later steps feed only the newest token when cached.
+            step_labels = all_labels if (k == 0 or not use_kv_cache) else None
+            cond = gpt(step_labels, prev, pos)[:, -1]
+            scale = guidance_at(guidance, k, num_tokens, guidance_schedule) if guided else None
+            tokens[:, k] = gpt.diffloss.sample(cond, scale, temperature, generator, head_steps, sampler)
+    finally:
+        if use_kv_cache:
+            gpt.reset_caches()
+        gpt.train(was_training)
+    return tokens
+
+
+def sample_images(gpt: GPT, tokenizer: Tokenizer, labels: torch.Tensor, s: SampleConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Class labels -> images in [0, 1]: the AR model draws the first N tokens, the tokenizer decodes them."""
+    tokens = generate(gpt, labels, s.guidance, s.guidance_schedule, s.temperature, generator, s.head_steps, s.sampler)
+    return tokenizer.decode(tokens, num_tokens=gpt.num_tokens, guidance=s.decoder_guidance, steps=s.decoder_steps,
+                            generator=generator)
+
+
+@dataclass
+class LoadedGenerator:
+    gpt: GPT
+    sample: SampleConfig  # the run's sampling settings (defaults for a converted checkpoint)
+    tokenizer_path: Optional[str]  # the tokenizer the AR model was trained on, if the checkpoint names one
+
+
+def load_generator(path: Union[str, Path], device: Optional[str] = None) -> LoadedGenerator:
+    """An AR checkpoint (EMA weights) with the sampling settings and tokenizer its run was trained with."""
+    gpt, run_config = load_model(path, "autoregressive", GPTConfig, GPT)
+    sample = from_dict(SampleConfig, migrate_saved(SampleConfig, run_config.get("sample", {})), prefix="sample.")
+    return LoadedGenerator(gpt.to(resolve_device(device)), sample, run_config.get("tokenizer"))
+
+
+def with_overrides(sample: SampleConfig, **given) -> SampleConfig:
+    """sample with every given setting that is not None replacing the run's."""
+    return replace(sample, **{name: value for name, value in given.items() if value is not None})
