@@ -23,6 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import describe_device, write_result  # noqa: E402
+from semanticist_fast.common.files import atomic_write_text  # noqa: E402
 from semanticist_fast.config import load_config  # noqa: E402
 from semanticist_fast.eval.grid import save_grid, token_counts  # noqa: E402
 from semanticist_fast.eval.reconstruction import format_report, held_out_images, reconstruction_report  # noqa: E402
@@ -99,13 +100,14 @@ def main(argv=None) -> dict:
     images = images[torch.linspace(0, len(images) - 1, min(args.num_images, len(images))).long()]  # both photos
     report, reconstructions = reconstruction_report(tok, images, token_counts(tok.num_slots))
     print(format_report(report))
-    save_grid([images[:12]] + [r[:12] for r in reconstructions.values()], out / "held_out.png")
+    shown = torch.linspace(0, len(images) - 1, min(12, len(images))).long()  # from both photos
+    save_grid([images[shown]] + [r[shown] for r in reconstructions.values()], out / "held_out.png")
     record = {"device": describe_device(torch.device("cpu")), "device_kind": "cpu", "config": args.config,
               "train_tiles": num_train, "held_out_tiles": counts_val(counts), "epochs": epochs,
               "train_photos": list(TRAIN_PHOTOS), "held_out_photos": list(HELD_OUT_PHOTOS), "report": report}
     if not args.no_write:
         print("wrote", write_result("photo_tiles", record))
-    (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(record, indent=2) + "\n")
     return record
 
 

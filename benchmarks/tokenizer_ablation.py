@@ -1,5 +1,6 @@
 """Why the tiny tokenizer recipe is what it is: the shipped config, then each departure from the published recipe
-reverted on its own, trained and scored the same way (held-out built-in images, PSNR per k against flat).
+reverted on its own, trained and scored the same way (held-out built-in images, PSNR per k against flat); then two
+probes of choices it keeps (nested dropout, the slot count).
 
     python benchmarks/tokenizer_ablation.py --out runs/ablation            # about 8 minutes per variant on 2 cores
     python benchmarks/tokenizer_ablation.py --only shipped,no_linear_slot_path
@@ -35,6 +36,10 @@ VARIANTS = {
     # Every departure reverted at once: the published design at the tiny size (the recipe before issue 13).
     "published_design": PUBLISHED_DECODER + [
         "model.decoder.linear_slot_path=false", "model.encoder.input_range=unit", "model.encoder.pos_embed_std=0.02"],
+    # Probes of choices the tiny config shares with the published one: what the ordering owes to nested dropout,
+    # and whether more slots (the same 16 numbers each) would buy more than the eight shipped.
+    "nesting_off": ["model.nested.enabled=false"],
+    "slots_16": ["model.encoder.num_slots=16"],
 }
 
 
