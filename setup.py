@@ -87,6 +87,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["semanticist_fast", "semanticist_fast.*"]),
     install_requires=["torch", "numpy", "pyyaml", "tqdm", "tensorboard", "safetensors", "pillow"],
+    # train.engine=deepspeed; scripts/install.sh installs it (pinned in constraints.txt).
+    extras_require={"deepspeed": ["deepspeed"]},
     entry_points={"console_scripts": ["semanticist-fast = semanticist_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -54,7 +54,7 @@ class FixedOutput(torch.nn.Module):
         super().__init__()
         self.out = out
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, rng=None) -> torch.Tensor:
         return self.out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -177,7 +177,7 @@ def run_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, de
         optimizer = build_adamw(model, lr, betas, wd)
     else:
         optimizer = torch.optim.AdamW(param_groups(model, wd), lr=lr, betas=betas)
-    ema = EMA(model, 0.999)
+    ema = EMA.of_parameters(model, 0.999)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     params = [p for p in model.parameters() if p.requires_grad]
 

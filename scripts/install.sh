@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs semanticist-fast into the current Python environment on a fresh machine.
-#   bash scripts/install.sh          runtime (CPU torch 2.13.0, pinned) + the C++ extension
+#   bash scripts/install.sh          runtime (CPU torch 2.13.0, DeepSpeed, pinned) + the C++ extension
 #   bash scripts/install.sh --dev    also the test dependencies
 # On a CUDA machine, install your torch first, then: pip install -e .
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip install -q -c constraints.txt"
-$PIP torch==2.13.0 numpy pyyaml tqdm tensorboard safetensors pillow setuptools wheel cmake
+$PIP torch==2.13.0 numpy pyyaml tqdm tensorboard safetensors pillow setuptools wheel cmake deepspeed
 if [[ "${1:-}" == "--dev" ]]; then
   $PIP -r requirements-dev.txt
 fi

@@ -1,4 +1,9 @@
-"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, convert, sample."""
+"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, sample, convert.
+
+Exit codes: 0 done; 1 a runtime error (a file that cannot be used, a non-finite run, a rank that died, a full
+disk); 2 a usage error (a bad option, config key or value); 75 stopped by a signal after writing a checkpoint
+(continue with --resume); 130 interrupted. Errors are one line naming the key or file; --debug adds the traceback.
+"""
 import argparse
 import json
 import logging
@@ -6,6 +11,22 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("semanticist_fast")
+
+
+class UsageError(ValueError):
+    """A bad option value: exit 2, like argparse's own errors."""
+
+
+def _positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        return value
+    return parse
 
 
 def _parse_tokens(spec: str, num_slots: int) -> list[int]:
@@ -18,49 +39,22 @@ def _parse_tokens(spec: str, num_slots: int) -> list[int]:
         try:
             k = int(part)
         except ValueError:
-            raise SystemExit(f"error: --tokens: {part!r} is not a number or 'all' (example: --tokens 1,4,16,all)")
+            raise UsageError(f"--tokens: {part!r} is not a number or 'all' (example: --tokens 1,4,16,all)") from None
         if not 1 <= k <= num_slots:
-            raise SystemExit(f"error: --tokens: {k} is outside 1..{num_slots} (this tokenizer has {num_slots} slots)")
+            raise UsageError(f"--tokens: {k} is outside 1..{num_slots} (this tokenizer has {num_slots} slots)")
         counts.append(k)
     return counts
 
 
 def cmd_train(args) -> int:
-    from .common.runs import latest_checkpoint, saved_config
-    from .config import ConfigError, load_config, migrate_saved, save_config, to_dict
-    from .tasks import spec_for_file, train
+    from .config import load_config
+    from .tasks import load_deepspeed_config, spec_for_file, train
 
-    out = Path(args.out)
     spec = spec_for_file(args.config)
     run = load_config(spec.run_config, args.config, args.overrides)
-    if args.resume and (latest := latest_checkpoint(out)) is not None:
-        saved = migrate_saved(spec.run_config, saved_config(latest))
-        diffs = _config_differences(saved, to_dict(run), sections=("model", "data", "optim"))
-        if diffs:
-            raise ConfigError(f"cannot resume {out}: its checkpoint was trained with a different config:\n  "
-                              + "\n  ".join(diffs) + "\nuse the same config and overrides, or a new --out directory")
-    elif not args.resume and latest_checkpoint(out) is not None:
-        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue it, or choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(run, out / "config.yaml")
-    metrics = train(run, out, resume=args.resume)
+    metrics = train(run, Path(args.out), resume=args.resume, deepspeed_config=load_deepspeed_config(args.deepspeed_config))
     log.info("done: %s", json.dumps(metrics))
     return 0
-
-
-def _config_differences(a: dict, b: dict, sections) -> list[str]:
-    diffs = []
-
-    def walk(x, y, prefix):
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y)):
-                walk(x.get(k), y.get(k), f"{prefix}.{k}" if prefix else k)
-        elif x != y:
-            diffs.append(f"{prefix}: checkpoint {x!r} vs now {y!r}")
-
-    for s in sections:
-        walk(a.get(s), b.get(s), s)
-    return diffs
 
 
 def cmd_reconstruct(args) -> int:
@@ -99,10 +93,10 @@ def _parse_classes(spec: str, num_classes: int) -> list[int]:
     try:
         classes = [int(c) for c in spec.split(",") if c.strip()]
     except ValueError:
-        raise ValueError(f"--classes {spec!r}: expected comma-separated class indices, e.g. --classes 1,7") from None
+        raise UsageError(f"--classes {spec!r}: expected comma-separated class indices, e.g. --classes 1,7") from None
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad or not classes:
-        raise ValueError(f"--classes {spec!r}: classes must be in 0..{num_classes - 1} (this model has {num_classes})")
+        raise UsageError(f"--classes {spec!r}: classes must be in 0..{num_classes - 1} (this model has {num_classes})")
     return classes
 
 
@@ -116,9 +110,7 @@ def cmd_sample(args) -> int:
     loaded = load_generator(args.ckpt, args.device)
     device = next(loaded.gpt.parameters()).device
     classes = _parse_classes(args.classes, loaded.gpt.num_classes)
-    tokenizer_path = args.tokenizer or loaded.tokenizer_path
-    if not tokenizer_path:
-        raise ValueError(f"{args.ckpt} names no tokenizer (a converted checkpoint): pass --tokenizer PATH")
+    tokenizer_path = args.tokenizer or loaded.tokenizer_file()
     tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
     # Every option left unset falls back to the run's `sample` section.
     s = with_overrides(loaded.sample, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
@@ -131,73 +123,134 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     save_grid(list(images.view(len(classes), args.per_class, *images.shape[1:])), out)
     save_samples(images, labels, out.with_suffix(".npz"))
-    log.info("wrote %s (one row per class %s) and %s", out, classes, out.with_suffix(".npz"))
+    log.info("wrote %s (one row per class %s) and %s, decoded by %s", out, classes, out.with_suffix(".npz"),
+             tokenizer_path)
     return 0
 
 
+def version_text() -> str:
+    import platform
+
+    import torch
+
+    from .kernels import extension
+
+    lines = [f"semanticist-fast {_package_version()}",
+             f"torch {torch.__version__} (python {platform.python_version()})",
+             f"CUDA: {'available, ' + str(torch.cuda.device_count()) + ' device(s), CUDA ' + str(torch.version.cuda) if torch.cuda.is_available() else 'not available' + (' (torch built with CUDA ' + torch.version.cuda + ')' if torch.version.cuda else ' (CPU build of torch)')}",
+             f"extension: {extension.STATUS}"]
+    for name in ("triton", "deepspeed", "flash_attn"):
+        try:
+            module = __import__(name)
+            lines.append(f"{name}: {getattr(module, '__version__', 'installed')}")
+        except Exception:  # an optional package that is absent, or present but broken here
+            lines.append(f"{name}: not installed")
+    return "\n".join(lines)
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("semanticist-fast")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="semanticist-fast", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="semanticist-fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=_VersionAction, help="print the package, torch, CUDA and extension status")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a tokenizer or AR model from a YAML config")
-    t.add_argument("config")
+    t = sub.add_parser("train", help="train a tokenizer or AR model from a YAML config", formatter_class=fmt)
+    t.add_argument("config", help="YAML config (its kind: tokenizer or autoregressive)")
     t.add_argument("--out", default="runs/latest", help="run directory: config.yaml, checkpoints/, metrics, previews")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies")
+    t.add_argument("--deepspeed-config", default=None,
+                   help="JSON of further DeepSpeed settings (train.engine=deepspeed); a key the YAML sets too is an "
+                        "error")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=64")
+    # Launchers that pass the local rank as an argument (the env var LOCAL_RANK is what counts).
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(fn=cmd_train)
 
     r = sub.add_parser("reconstruct", help="reconstruct images from their first k tokens; MSE / PSNR / SSIM per k "
-                                           "against the flat mean-colour baseline")
-    r.add_argument("ckpt", help="checkpoint file or run directory")
+                                           "against the flat mean-colour baseline", formatter_class=fmt)
+    r.add_argument("ckpt", help="checkpoint (folder or file) or run directory (its newest checkpoint that verifies)")
     r.add_argument("images", nargs="*",
                    help="image files (default: the run's held-out images: the built-in val split or data.val_root)")
     r.add_argument("--tokens", default=None, help="token counts, e.g. 1,4,16,all (default: 1, 2, 4, ... all)")
-    r.add_argument("--out", default=None, help="PNG grid path")
-    r.add_argument("--metrics-json", default=None)
-    r.add_argument("--num-images", type=int, default=64)
-    r.add_argument("--grid-images", type=int, default=8)
-    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--out", default=None, help="PNG grid path (none: no grid)")
+    r.add_argument("--metrics-json", default=None, help="write the report as JSON here")
+    r.add_argument("--num-images", type=_positive("--num-images"), default=64, help="held-out images to score")
+    r.add_argument("--grid-images", type=_positive("--grid-images"), default=8, help="images per row of the grid")
+    r.add_argument("--batch-size", type=_positive("--batch-size"), default=32, help="images decoded at once")
     r.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
                    help="decoder classifier-free guidance (default: the config's model.diffusion.guidance)")
     r.add_argument("--steps", default=None,
                    help="decoder steps: 250 or ddim25 (ddpm), euler4 (flow) (default: the config's)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default=None)
+    r.add_argument("--seed", type=int, default=0, help="seed of the decoding noise")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
     r.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
     r.set_defaults(fn=cmd_reconstruct)
 
-    c = sub.add_parser("convert", help="convert an official Semanticist checkpoint to ours")
-    c.add_argument("src")
-    c.add_argument("out")
-    c.add_argument("--kind", choices=["auto", "tokenizer", "gpt"], default="auto")
+    c = sub.add_parser("convert", help="convert an official Semanticist checkpoint to ours (a .safetensors file)",
+                       formatter_class=fmt)
+    c.add_argument("src", help="official checkpoint (.pt / .pth / .safetensors)")
+    c.add_argument("out", help="where to write ours (.safetensors)")
+    c.add_argument("--kind", choices=["auto", "tokenizer", "gpt"], default="auto", help="what src holds")
     c.add_argument("overrides", nargs="*", help="config overrides for the converted model, e.g. model.codec.path=...")
     c.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint")
-    s.add_argument("ckpt")
-    s.add_argument("--classes", default="0,1")
-    s.add_argument("--per-class", type=int, default=4)
+    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint", formatter_class=fmt)
+    s.add_argument("ckpt", help="AR checkpoint (folder or file) or run directory")
+    s.add_argument("--classes", default="0,1", help="comma-separated class indices, one grid row each")
+    s.add_argument("--per-class", type=_positive("--per-class"), default=4, help="samples per class")
     # Unset sampling options take the values of the checkpoint's `sample` section.
-    s.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None, help="class guidance scale")
+    s.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                   help="class guidance scale (default: the run's sample.guidance)")
     s.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
-                   default=None)
-    s.add_argument("--temperature", type=float, default=None)
-    s.add_argument("--head-steps", type=int, default=None, help="diffusion-head sampling steps per token")
-    s.add_argument("--sampler", choices=["sde", "ode"], default=None)
+                   default=None, help="how guidance grows over the tokens (default: the run's)")
+    s.add_argument("--temperature", type=float, default=None, help="diffusion-head temperature (default: the run's)")
+    s.add_argument("--head-steps", type=_positive("--head-steps"), default=None,
+                   help="diffusion-head sampling steps per token (default: the run's)")
+    s.add_argument("--sampler", choices=["sde", "ode"], default=None, help="diffusion-head sampler (default: the run's)")
     s.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
-                   help="tokenizer decoder guidance scale")
-    s.add_argument("--decoder-steps", default=None, help="tokenizer decoder steps, e.g. 250, ddim25 or euler4")
-    s.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the AR model was trained on)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--out", default="samples.png")
-    s.add_argument("--device", default=None)
+                   help="tokenizer decoder guidance scale (default: the run's)")
+    s.add_argument("--decoder-steps", default=None,
+                   help="tokenizer decoder steps, e.g. 250, ddim25 or euler4 (default: the run's)")
+    s.add_argument("--tokenizer", default=None,
+                   help="decode with this tokenizer instead of the one the AR model was trained on (pinned by sha256)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="samples drawn at once")
+    s.add_argument("--out", default="samples.png", help="PNG grid; the images and labels also go to OUT.npz")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
     s.set_defaults(fn=cmd_sample)
     return p
 
 
+def _exit_code(error: BaseException) -> int:
+    from .config import ConfigError
+
+    return 2 if isinstance(error, (ConfigError, UsageError)) else 1
+
+
 def main(argv=None) -> int:
+    from .engine.distributed import launched_world
+    from .engine.trainer import EXIT_RESUMABLE, StopRequested
+
     parser = build_parser()
     # Overrides may follow options (`train CFG --out DIR a.b=1`), which plain argparse would refuse.
     args, extra = parser.parse_known_args(argv)
@@ -205,16 +258,27 @@ def main(argv=None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from .config import ConfigError
+    rank, world, _ = launched_world()
+    # Ranks other than 0 report only problems, each line naming its rank.
+    level = logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    where = f" rank {rank}" if world > 1 else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s{where} %(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError; named for the reader
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except StopRequested as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_RESUMABLE
     except KeyboardInterrupt:
         print("interrupted: the newest checkpoint is intact; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # every error ends in one line (the traceback with --debug)
+        if args.debug:
+            raise
+        message = str(e).strip() or type(e).__name__
+        if isinstance(e, (RuntimeError, OSError)) and type(e).__name__ not in message:
+            message = f"{type(e).__name__}: {message}"
+        print(f"error: {message}", file=sys.stderr)
+        return _exit_code(e)
 
 
 if __name__ == "__main__":

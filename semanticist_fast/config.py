@@ -119,12 +119,17 @@ def from_dict(cls, data: dict, prefix: str = ""):
         obj = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
-    for f in dataclasses.fields(cls):
-        if f.name not in (data or {}) and dataclasses.is_dataclass(hints[f.name]):
-            _validate_defaults(getattr(obj, f.name))  # a section left at its defaults must be valid too
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        validate()
+    try:
+        for f in dataclasses.fields(cls):
+            if f.name not in (data or {}) and dataclasses.is_dataclass(hints[f.name]):
+                _validate_defaults(getattr(obj, f.name))  # a section left at its defaults must be valid too
+        validate = getattr(obj, "validate", None)
+        if validate is not None:
+            validate()
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section's own check: a bad value in the config, so a config error
+        raise ConfigError(str(e)) from None
     return obj
 
 

@@ -4,7 +4,7 @@ Tokenizer (DiT-L-2, DiT-XL-2) and epsilon-LlamaGen GPT checkpoints. Our paramete
 conversion strips wrapper prefixes, infers the architecture from tensor shapes (head counts from the named sizes,
 which shapes cannot show, or `model.heads=N`), and checks the key set strictly against a model built from that
 config: any key we do not expect, or expect and do not find, is an error. The converted checkpoint carries the
-`model` section of a run config, which is all that inference reads.
+`model` section of a run config, which is all that inference reads, in a .safetensors file (common/runs.py).
 """
 import logging
 from dataclasses import dataclass, field
@@ -13,8 +13,8 @@ from typing import Literal, Optional
 
 import torch
 
-from .common.files import atomic_torch_save
-from .config import apply_overrides, from_dict, to_dict
+from .common.runs import write_weights_file
+from .config import ConfigError, apply_overrides, from_dict, to_dict
 from .models.dit import DIT_SIZES
 from .models.gpt import GPT, GPT_SIZES, GPTConfig
 from .models.sizes import size_named
@@ -48,8 +48,7 @@ def _shape(state: dict, key: str, what: str) -> tuple:
 
 
 def _checkpoint(kind: str, config, state: dict) -> dict:
-    return {"kind": kind, "config": to_dict(config), "model": state, "ema": state, "step": 0, "epoch": 0,
-            "batch_in_epoch": 0, "converted_from": "official"}
+    return {"kind": kind, "config": to_dict(config), "weights": state}
 
 
 # -- tokenizer -----------------------------------------------------------------------------------------------------
@@ -119,7 +118,8 @@ def infer_gpt_config(state: dict, heads: Optional[int] = None) -> GPTConfig:
     size = size_named(GPT_SIZES, lambda row: (row[0], row[2]) == (layers, dim)) or "custom"
     if heads is None:
         if size == "custom":
-            raise ValueError(f"no standard GPT size has {layers} layers of dim {dim}; pass the head count")
+            raise ConfigError(f"no standard GPT size has {layers} layers of dim {dim}; pass the head count "
+                              "(model.heads=N)")
         heads = GPT_SIZES[size][1]
     elif size != "custom" and GPT_SIZES[size][1] != heads:
         size = "custom"
@@ -192,5 +192,7 @@ def convert_checkpoint(src, dst, kind: str = "auto", overrides: Optional[list[st
     kind = detect_kind(state) if kind == "auto" else kind
     converted = convert_tokenizer(state, overrides) if kind == "tokenizer" else convert_gpt(state, overrides)
     dst = Path(dst)
-    atomic_torch_save(converted, dst)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"convert writes a .safetensors file; name the output like {dst.with_suffix('.safetensors')}")
+    write_weights_file(dst, converted["weights"], converted["kind"], converted["config"])
     return dst

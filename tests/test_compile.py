@@ -16,7 +16,8 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed: use the checkout's
 from benchmarks import bench_train, flops  # noqa: E402
 from helpers import micro_tokenizer_run  # noqa: E402
-from semanticist_fast.common.runs import load_checkpoint  # noqa: E402
+from semanticist_fast.common.runs import list_checkpoints  # noqa: E402
+from semanticist_fast.engine.checkpoint import consolidated_slices  # noqa: E402
 from semanticist_fast.kernels import dispatch  # noqa: E402
 from semanticist_fast.engine.compile import compile_blocks  # noqa: E402
 from semanticist_fast.models.dinov2 import small_test_dinov2  # noqa: E402
@@ -171,9 +172,10 @@ def test_tokenizer_training_with_compile_matches_eager(tmp_path):
     assert sorted(eager) == sorted(compiled) == list(range(1, steps + 1))
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-5), step
-    a, b = load_checkpoint(tmp_path / "eager"), load_checkpoint(tmp_path / "compiled")
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    a = consolidated_slices(list_checkpoints(tmp_path / "eager")[-1])
+    b = consolidated_slices(list_checkpoints(tmp_path / "compiled")[-1])
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 # ---- FLOP model ---------------------------------------------------------------------------------------------------

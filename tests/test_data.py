@@ -338,10 +338,18 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.*does not exist.*class_name"):
         ImageFolderDataset(missing)
     empty = tmp_path / "empty"
-    (empty / "cls").mkdir(parents=True)
-    (empty / "cls" / "readme.txt").write_text("x")
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="no images found under .*empty"):
         ImageFolderDataset(empty)
+    # One class folder without images among good ones: it would silently become a class (and shift labels).
+    mixed = tmp_path / "mixed"
+    (mixed / "a").mkdir(parents=True)
+    _solid(mixed / "a" / "img.png", (0, 0, 0))
+    (mixed / "b").mkdir()
+    (mixed / "b" / "readme.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="class folder .*mixed/b.* holds no images"):
+        ImageFolderDataset(mixed)
     flat = tmp_path / "flat"
     flat.mkdir()
     _solid(flat / "img.png", (0, 0, 0))  # images directly under root, no class folders

@@ -1,4 +1,4 @@
-"""Engine pieces in isolation: LR schedule, EMA, crash-safe checkpoint files, checkpoint rotation, AdamW groups."""
+"""Engine pieces in isolation: LR schedule, EMA, crash-safe files, checkpoint folders and rotation, AdamW groups."""
 import math
 import os
 
@@ -7,11 +7,12 @@ import torch
 import torch.nn as nn
 
 from semanticist_fast.common.files import atomic_torch_save, atomic_write_text
-from semanticist_fast.common.runs import checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint
-from semanticist_fast.engine.checkpoint import prune_checkpoints
-from semanticist_fast.models.weights import check_state_fits, load_model_state
+from semanticist_fast.common.runs import CheckpointError, checkpoint_dir, list_checkpoints, resolve_checkpoint
+from semanticist_fast.engine.checkpoint import prune_checkpoints, remove_orphans
 from semanticist_fast.engine.ema import EMA
-from semanticist_fast.engine.optimizer import build_adamw, param_groups
+from semanticist_fast.engine.optimizer import LocalOptimizerStep, build_adamw, param_groups
+from semanticist_fast.engine.shard import Fragment, copy_overlaps
+from semanticist_fast.models.weights import check_state_fits, load_model_state
 from semanticist_fast.engine.schedule import lr_at
 
 
@@ -45,61 +46,61 @@ def test_lr_without_warmup_and_constant():
 
 # ---- EMA ----
 
-class _Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(5, 3)
-        self.norm = nn.BatchNorm1d(3)
+def _ema_of(model: nn.Module, decay: float) -> tuple[EMA, list[torch.Tensor]]:
+    shard = LocalOptimizerStep(model, 1e-3, (0.9, 0.95), 0.0, 1.0).shard()
+    shadows = [torch.empty_like(f.master) for f in shard.fragments]
+    return EMA(shard.fragments, decay, shadows), shadows
 
 
 def test_ema_matches_closed_form():
     torch.manual_seed(0)
-    model = _Toy()
+    model = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3))
     decay = 0.9
-    ema = EMA(model, decay)
-    assert all(not p.requires_grad for p in ema.model.parameters())
-    assert not ema.model.training
-    expected = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    ema, shadows = _ema_of(model, decay)
+    expected = [p.detach().double().clone() for p in model.parameters()]
+    for s, p in zip(shadows, model.parameters()):
+        assert torch.equal(s.view_as(p), p)  # the averages start at the weights
     g = torch.Generator().manual_seed(1)
     for _ in range(7):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=g))
-            model.norm.running_mean.add_(1.0)
         ema.update()
-        for n, p in model.named_parameters():
-            expected[n] = decay * expected[n] + (1 - decay) * p.detach().double()
-    for n, p in ema.model.named_parameters():
-        torch.testing.assert_close(p.double(), expected[n], rtol=1e-5, atol=1e-6)
-    # Buffers are copied, not averaged.
-    torch.testing.assert_close(ema.model.norm.running_mean, model.norm.running_mean)
-    assert ema.model.norm.num_batches_tracked == model.norm.num_batches_tracked
+        expected = [decay * e + (1 - decay) * p.detach().double() for e, p in zip(expected, model.parameters())]
+    for s, e in zip(shadows, expected):
+        torch.testing.assert_close(s.double().view_as(e), e, rtol=1e-5, atol=1e-6)
 
 
 def test_ema_of_constant_weights_after_n_steps():
     torch.manual_seed(2)
     model = nn.Linear(4, 4)
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ema = EMA(model, decay=0.99)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema, shadows = _ema_of(model, 0.99)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(-2.0).add_(3.0)
     n = 25
     for _ in range(n):
         ema.update()
-    for name, p in ema.model.named_parameters():
-        target = dict(model.named_parameters())[name].detach()
-        closed = target + 0.99 ** n * (start[name] - target)
-        torch.testing.assert_close(p, closed, rtol=1e-5, atol=1e-6)
+    for s, p, s0 in zip(shadows, model.parameters(), start):
+        closed = p.detach() + 0.99 ** n * (s0 - p.detach())
+        torch.testing.assert_close(s.view_as(p), closed, rtol=1e-5, atol=1e-6)
 
 
-def test_ema_state_dict_round_trip():
-    model = nn.Linear(3, 2)
-    ema = EMA(model, 0.5)
-    other = EMA(nn.Linear(3, 2), 0.5)
-    other.load_state_dict(ema.state_dict())
-    for a, b in zip(ema.model.parameters(), other.model.parameters()):
-        assert torch.equal(a, b)
+def test_ema_over_slices_equals_the_whole():
+    """Under ZeRO each rank averages a slice; put together, the slices are the average of the whole."""
+    torch.manual_seed(3)
+    weights = torch.randn(10)
+    whole = EMA([Fragment("w", (10,), 0, weights, None)], 0.8, [torch.empty(10)])
+    pieces = [EMA([Fragment("w", (10,), a, weights[a:b], None)], 0.8, [torch.empty(b - a)]) for a, b in ((0, 3), (3, 10))]
+    for _ in range(5):
+        weights.add_(torch.randn(10))
+        whole.update()
+        for e in pieces:
+            e.update()
+    joined = torch.zeros(10)
+    assert copy_overlaps(joined, 0, [(e.fragments[0].start, e.shadows[0]) for e in pieces]) == 10
+    torch.testing.assert_close(joined, whole.shadows[0], rtol=0, atol=0)
 
 
 # ---- crash-safe files ----
@@ -144,47 +145,65 @@ def test_interrupted_first_write_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# ---- checkpoint rotation ----
+# ---- checkpoint folders ----
 
-def _touch_ckpts(out, steps):
-    for s in steps:
-        p = checkpoint_path(out, s)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": s}, p)
+def _fake_ckpts(out, steps):
+    for step in steps:
+        checkpoint_dir(out, step).mkdir(parents=True)
 
 
-def test_checkpoint_listing_and_latest(tmp_path):
-    assert list_checkpoints(tmp_path) == [] and latest_checkpoint(tmp_path) is None
-    assert checkpoint_path(tmp_path, 42).name == "ckpt-00000042.pt"
-    _touch_ckpts(tmp_path, [1000, 20, 300, 100000000])
+def test_checkpoint_listing_in_step_order(tmp_path):
+    assert list_checkpoints(tmp_path) == []
+    assert checkpoint_dir(tmp_path, 42).name == "ckpt-00000042"
+    _fake_ckpts(tmp_path, [1000, 20, 300, 100000000])
     folder = tmp_path / "checkpoints"
-    for name in ("ckpt-abc.pt", ".ckpt-00000500.pt.x1y2.tmp", "ckpt-00000007.pt.bak", "notes.txt"):
+    torch.save({"step": 7}, folder / "ckpt-00000007.pt")  # a checkpoint of an earlier version: still listed
+    for name in ("ckpt-abc", ".tmp-ckpt-00000500", "ckpt-00000009.pt.bak", "notes.txt", "unreadable-ckpt-00000011"):
         (folder / name).write_text("x")
     names = [p.name for p in list_checkpoints(tmp_path)]
-    assert names == ["ckpt-00000020.pt", "ckpt-00000300.pt", "ckpt-00001000.pt", "ckpt-100000000.pt"]
-    assert latest_checkpoint(tmp_path).name == "ckpt-100000000.pt"
-    assert load_checkpoint(tmp_path)["step"] == 100000000  # a run directory loads its newest checkpoint
-    assert load_checkpoint(checkpoint_path(tmp_path, 20))["step"] == 20
+    assert names == ["ckpt-00000007.pt", "ckpt-00000020", "ckpt-00000300", "ckpt-00001000", "ckpt-100000000"]
 
 
-def test_load_checkpoint_errors(tmp_path):
+def test_resolve_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
-        load_checkpoint(tmp_path)
+        resolve_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+        resolve_checkpoint(tmp_path / "missing.safetensors")
+    _fake_ckpts(tmp_path, [5])  # a folder without meta.json
+    with pytest.raises(CheckpointError, match="meta.json is missing"):
+        resolve_checkpoint(tmp_path)
 
 
 def test_prune_keeps_the_newest(tmp_path):
-    _touch_ckpts(tmp_path, [5, 10, 15, 20, 25])
+    _fake_ckpts(tmp_path, [5, 10, 15, 20, 25])
     (tmp_path / "checkpoints" / "other.pt").write_text("x")
     prune_checkpoints(tmp_path, keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000020.pt", "ckpt-00000025.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000020", "ckpt-00000025"]
     assert (tmp_path / "checkpoints" / "other.pt").exists()
     prune_checkpoints(tmp_path, keep=5)
     assert len(list_checkpoints(tmp_path)) == 2
     prune_checkpoints(tmp_path, keep=0)  # 0 = keep everything
     assert len(list_checkpoints(tmp_path)) == 2
     prune_checkpoints(tmp_path / "nowhere", keep=1)
+
+
+def test_orphans_of_a_killed_write_are_removed(tmp_path):
+    _fake_ckpts(tmp_path, [4])
+    folder = tmp_path / "checkpoints"
+    (folder / ".tmp-ckpt-00000008" / "state").mkdir(parents=True)
+    (folder / ".ckpt-00000008.pt.x1y2.tmp").write_text("torn")  # from an earlier version's single-file writes
+    removed = remove_orphans(tmp_path)
+    assert sorted(p.name for p in removed) == [".ckpt-00000008.pt.x1y2.tmp", ".tmp-ckpt-00000008"]
+    assert [p.name for p in folder.iterdir()] == ["ckpt-00000004"]
+
+
+def test_copy_overlaps_assembles_any_split():
+    whole = torch.arange(12.0)
+    saved = [(0, whole[0:5]), (5, whole[5:7]), (7, whole[7:12])]  # as 3 ranks saved it
+    for start, end in ((0, 12), (0, 6), (6, 12), (4, 9)):  # as other ranks need it
+        target = torch.zeros(end - start)
+        assert copy_overlaps(target, start, saved) == end - start
+        assert torch.equal(target, whole[start:end])
 
 
 def test_strict_state_loading_names_keys():
@@ -233,3 +252,22 @@ def test_build_adamw_groups_and_step():
     # First AdamW step moves each parameter by lr * sign(grad) (bias has no decay).
     torch.testing.assert_close(model.bias.detach(), before - 0.1 * torch.sign(model.bias.grad), rtol=1e-4, atol=1e-5)
 
+
+
+def test_a_non_finite_step_changes_nothing():
+    """The guard: a step whose gradient norm is not finite leaves weights, moments and the step count as they were."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    step = LocalOptimizerStep(model, 0.1, (0.9, 0.95), 0.05, 1.0)
+    step.backward(model(torch.randn(4, 3)).pow(2).mean())
+    assert torch.isfinite(step.step(0.1))
+    shard = step.shard()
+    before = [(f.master.clone(), f.moment("exp_avg").clone(), f.moment("exp_avg_sq").clone()) for f in shard.fragments]
+    step.backward(model(torch.full((4, 3), float("nan"))).mean())
+    assert not torch.isfinite(step.step(0.1))
+    assert shard.optimizer_steps() == 1
+    for f, (w, m, v) in zip(shard.fragments, before):
+        assert torch.equal(f.master, w) and torch.equal(f.moment("exp_avg"), m) and torch.equal(f.moment("exp_avg_sq"), v)
+    step.backward(model(torch.randn(4, 3)).pow(2).mean())  # and the next good step applies again
+    assert torch.isfinite(step.step(0.1)) and shard.optimizer_steps() == 2
+    assert not torch.equal(shard.fragments[0].master, before[0][0])

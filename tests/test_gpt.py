@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from semanticist_fast.convert import convert_gpt_state_dict, infer_gpt_config
+from semanticist_fast.common.noise import BatchNoise
 from semanticist_fast.models.gpt import GPT, GPTConfig, ffn_hidden
 from semanticist_fast.inference.generation import generate, guidance_at
 
@@ -118,21 +119,26 @@ def test_caches_stay_out_of_state_dict():
 
 
 # -- training loss ---------------------------------------------------------------------------------------------------
-def test_forward_loss_is_head_loss_on_repeated_rows():
-    model = randomized(GPT(tiny_config(diffusion_batch_mul=3))).eval()
-    tokens, labels = torch.randn(2, 11, 16), torch.tensor([2, 5])
-    torch.manual_seed(1)
-    loss = model.forward_loss(tokens, labels)
-    torch.manual_seed(1)
-    cond = model(labels, tokens[:, :model.num_tokens - 1]).reshape(-1, 64).repeat(3, 1)
-    target = tokens[:, :model.num_tokens].reshape(-1, 16).repeat(3, 1)
-    expected = model.diffloss.loss(target, cond).mean()
-    torch.testing.assert_close(loss, expected)
+def test_forward_loss_draws_per_sample_and_ignores_extra_tokens():
+    # Training mode with class dropout; element-wise dropout stays on the process's own stream, so it is off here.
+    model = randomized(GPT(tiny_config(diffusion_batch_mul=3, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.5)))
+    tokens, labels = torch.randn(4, 11, 16), torch.tensor([2, 5, 1, 0])
+    loss = model.forward_loss(tokens, labels, BatchNoise(1, 4, slice(0, 4), "cpu"))
+    # Ranks take rows of the global batch: the halves' losses average to the whole's (class dropout included).
+    halves = [model.forward_loss(tokens[r], labels[r], BatchNoise(1, 4, r, "cpu")) for r in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, loss)
     # Tokens past num_tokens are ignored.
     tokens2 = tokens.clone()
     tokens2[:, model.num_tokens:] = 100.0
-    torch.manual_seed(1)
-    torch.testing.assert_close(model.forward_loss(tokens2, labels), loss)
+    torch.testing.assert_close(model.forward_loss(tokens2, labels, BatchNoise(1, 4, slice(0, 4), "cpu")), loss)
+    # A row's loss is the head's loss of that row: with one copy per token, the rows are the tokens in order.
+    single = randomized(GPT(tiny_config(diffusion_batch_mul=1))).eval()
+    rng_a, rng_b = BatchNoise(2, 4, slice(0, 4), "cpu"), BatchNoise(2, 4, slice(0, 4), "cpu")
+    t, noise = single.diffloss.training_draws(rng_b, 4, single.num_tokens)
+    cond = single(labels, tokens[:, :single.num_tokens - 1]).reshape(-1, 64)
+    expected = single.diffloss.loss(tokens[:, :single.num_tokens].reshape(-1, 16), cond, t.reshape(-1),
+                                    noise.reshape(-1, 16)).mean()
+    torch.testing.assert_close(single.forward_loss(tokens, labels, rng_a), expected)
 
 
 def test_class_dropout():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from semanticist_fast.common.noise import BatchNoise
 from semanticist_fast.models.nested_dropout import NestedDropout, NestedDropoutConfig
 
 DRAWS = 200_000
@@ -16,6 +17,28 @@ def _chi_square(observed: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((observed - expected) ** 2 / expected).sum())
 
 
+def _noise(seed: int, n: int = 0) -> "_Draws":
+    return _Draws(seed)
+
+
+class _Draws:
+    """A BatchNoise for whatever batch size the test asks (all rows)."""
+
+    def __init__(self, seed):
+        self.seed, self.sources = seed, {}
+
+    def _source(self, n):
+        if n not in self.sources:
+            self.sources[n] = BatchNoise(self.seed, n, slice(None), "cpu")
+        return self.sources[n]
+
+    def rand(self, n, *rest):
+        return self._source(n).rand(n, *rest)
+
+    def randint(self, low, high, n, *rest):
+        return self._source(n).randint(low, high, n, *rest)
+
+
 def _sampler(K=16, p=0.1, after=5, unit="epoch", enabled=True):
     cfg = NestedDropoutConfig(enabled=enabled, enable_nest_after=after, unit=unit, full_drop_prob=p)
     cfg.validate()
@@ -26,7 +49,7 @@ def _sampler(K=16, p=0.1, after=5, unit="epoch", enabled=True):
 def test_before_nesting_keeps_all_except_full_drops(p):
     K = 16
     nd = _sampler(K=K, p=p, after=5)
-    keep = nd.sample_keep(DRAWS, step=10_000, epoch=4, device="cpu", generator=torch.Generator().manual_seed(0))
+    keep = nd.sample_keep(DRAWS, step=10_000, epoch=4, device="cpu", rng=_noise(0))
     assert keep.shape == (DRAWS,) and keep.dtype == torch.int64
     assert set(keep.unique().tolist()) <= {0, K}
     frac_zero = (keep == 0).double().mean().item()
@@ -38,7 +61,7 @@ def test_before_nesting_keeps_all_except_full_drops(p):
 def test_during_nesting_uniform_prefix_plus_full_drops(K):
     p = 0.1
     nd = _sampler(K=K, p=p, after=5)
-    keep = nd.sample_keep(DRAWS, step=0, epoch=5, device="cpu", generator=torch.Generator().manual_seed(1))
+    keep = nd.sample_keep(DRAWS, step=0, epoch=5, device="cpu", rng=_noise(1))
     assert keep.min() >= 0 and keep.max() <= K
     counts = _counts(keep, K)
     probs = torch.full((K + 1,), (1 - p) / K, dtype=torch.float64)
@@ -55,18 +78,26 @@ def test_during_nesting_uniform_prefix_plus_full_drops(K):
 def test_full_drop_prob_zero_during_nesting_never_drops_everything():
     K = 9
     nd = _sampler(K=K, p=0.0, after=0)
-    keep = nd.sample_keep(50_000, step=0, epoch=0, device="cpu", generator=torch.Generator().manual_seed(2))
+    keep = nd.sample_keep(50_000, step=0, epoch=0, device="cpu", rng=_noise(2))
     counts = _counts(keep, K)
     assert counts[0] == 0
     probs = torch.full((K,), 1 / K, dtype=torch.float64)
     assert _chi_square(counts[1:], probs) < 40
 
 
-def test_generator_makes_draws_reproducible():
+def test_seeded_draws_are_reproducible():
     nd = _sampler()
-    a = nd.sample_keep(1000, 0, 10, "cpu", generator=torch.Generator().manual_seed(7))
-    b = nd.sample_keep(1000, 0, 10, "cpu", generator=torch.Generator().manual_seed(7))
+    a = nd.sample_keep(1000, 0, 10, "cpu", rng=_noise(7))
+    b = nd.sample_keep(1000, 0, 10, "cpu", rng=_noise(7))
     assert torch.equal(a, b)
+
+
+def test_draws_of_a_split_batch_are_those_of_the_whole():
+    """Ranks draw their rows of the global batch: the keep counts do not depend on how the batch is split."""
+    nd = _sampler(after=0)
+    whole = nd.sample_keep(12, 0, 10, "cpu", rng=BatchNoise(5, 12, slice(0, 12), "cpu"))
+    parts = [nd.sample_keep(4, 0, 10, "cpu", rng=BatchNoise(5, 12, slice(a, a + 4), "cpu")) for a in (0, 4, 8)]
+    assert torch.equal(torch.cat(parts), whole)
 
 
 def test_epoch_and_step_units():
@@ -79,10 +110,10 @@ def test_epoch_and_step_units():
     disabled = _sampler(after=0, enabled=False)
     assert not disabled.nesting_active(step=10 ** 6, epoch=10 ** 6)
     # The unit decides which counter sample_keep looks at.
-    g = torch.Generator().manual_seed(3)
-    keep = by_step.sample_keep(5000, step=149, epoch=1000, device="cpu", generator=g)
+    g = _noise(3)
+    keep = by_step.sample_keep(5000, step=149, epoch=1000, device="cpu", rng=g)
     assert set(keep.unique().tolist()) <= {0, 16}
-    keep = by_step.sample_keep(5000, step=150, epoch=0, device="cpu", generator=g)
+    keep = by_step.sample_keep(5000, step=150, epoch=0, device="cpu", rng=g)
     assert len(set(keep.unique().tolist()) - {0, 16}) > 0
 
 

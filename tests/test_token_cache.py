@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import micro_tokenizer_run
+from semanticist_fast.common.runs import write_weights_file
 from semanticist_fast.config import to_dict
 from semanticist_fast.data.procedural import ProceduralImages
 from semanticist_fast.data.token_cache import TokenCache, build_token_cache, image_views
@@ -20,13 +21,13 @@ def save_tokenizer(path, seed=0):
     torch.manual_seed(seed)
     run = micro_tokenizer_run()
     model = SemanticistTokenizer(run.model)
-    torch.save({"kind": "tokenizer", "config": to_dict(run), "model": model.state_dict(), "ema": model.state_dict()}, path)
+    write_weights_file(path, model.state_dict(), "tokenizer", to_dict(run))
     return path
 
 
 @pytest.fixture
 def setup(tmp_path):
-    ckpt = save_tokenizer(tmp_path / "tok.pt")
+    ckpt = save_tokenizer(tmp_path / "tok.safetensors")
     tok = Tokenizer.from_checkpoint(ckpt, device="cpu")
     data = ProceduralImages(16, 20, split="train", num_classes=5)
     return tmp_path, ckpt, tok, data
@@ -60,7 +61,7 @@ def test_stale_cache_is_rejected_with_the_reason(setup):
         build(tok, ckpt, data, tmp / "cache", num_tokens=N_TOKENS + 1)
     with pytest.raises(ValueError, match="views"):
         build(tok, ckpt, data, tmp / "cache", views="center")
-    other = save_tokenizer(tmp / "other.pt", seed=1)
+    other = save_tokenizer(tmp / "other.safetensors", seed=1)
     with pytest.raises(ValueError, match="tokenizer_sha256"):
         build(Tokenizer.from_checkpoint(other, device="cpu"), other, data, tmp / "cache")
     build(tok, ckpt, data, tmp / "cache")  # the matching run still reuses it
@@ -70,8 +71,7 @@ def test_interrupted_build_resumes(setup):
     tmp, ckpt, tok, data = setup
     whole = build(tok, ckpt, data, tmp / "whole")
     part = build(tok, ckpt, data, tmp / "part", stop_after_shards=1)
-    manifest = json.loads((part / "manifest.json").read_text())
-    assert manifest["complete_shards"] == [0] and not manifest["complete"]
+    assert sorted(p.name for p in part.glob("shard-*.json")) == ["shard-00000.json"]  # the record marks it done
     with pytest.raises(ValueError, match="incomplete"):
         TokenCache(part)
     first_shard = (part / "tokens-00000.npy").stat().st_mtime_ns
@@ -92,3 +92,16 @@ def test_views_are_drawn_without_replacement_across_epochs(setup):
     a = cache[4][0]
     assert torch.equal(a, cache.read(4, cache.view_for(4, 1)))
     assert TokenCache(cache.dir, seed=3).view_for(4, 1) == cache.view_for(4, 1)  # seeded
+
+
+def test_ranks_build_disjoint_shards_of_one_cache(setup):
+    """Two ranks build a cache together (rank r takes shards r, r + 2, ...): the same cache one builds alone."""
+    tmp, ckpt, tok, data = setup
+    whole = build(tok, ckpt, data, tmp / "whole")
+    shared = tmp / "shared"
+    build(tok, ckpt, data, shared, rank=1, world_size=2)
+    assert sorted(p.name for p in shared.glob("shard-*.json")) == ["shard-00001.json"]
+    build(tok, ckpt, data, shared, rank=0, world_size=2)
+    a, b = TokenCache(whole), TokenCache(shared)
+    for i in range(len(a)):
+        assert torch.equal(a.read(i, 1), b.read(i, 1)) and a.labels[i] == b.labels[i]

@@ -10,12 +10,17 @@ import pytest
 import torch
 
 from helpers import MICRO_TOKENIZER, micro_tokenizer_run
-from semanticist_fast.common.runs import list_checkpoints, load_checkpoint
+from semanticist_fast.common.runs import list_checkpoints, read_meta, write_weights_file
+from semanticist_fast.engine.checkpoint import consolidated_slices
 from semanticist_fast.tasks import train as train_tokenizer
 
 
 def read_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def newest(out: Path) -> Path:
+    return list_checkpoints(out)[-1]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -28,21 +33,22 @@ def test_resume_continues_exactly(tmp_path):
     a, b = read_losses(full), read_losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 17))
     assert a == b  # the next batches and the next losses are those of the uninterrupted run, bit for bit
-    final_a = load_checkpoint(full)
-    final_b = load_checkpoint(split)
-    for key in final_a["model"]:
-        torch.testing.assert_close(final_a["model"][key], final_b["model"][key], rtol=0, atol=0)
-        torch.testing.assert_close(final_a["ema"][key], final_b["ema"][key], rtol=0, atol=0)
+    for key in ("param", "ema", "exp_avg", "exp_avg_sq"):
+        final_a, final_b = consolidated_slices(newest(full), key), consolidated_slices(newest(split), key)
+        assert final_a.keys() == final_b.keys()
+        for name in final_a:
+            torch.testing.assert_close(final_a[name], final_b[name], rtol=0, atol=0, msg=f"{key} {name}")
 
 
 def test_checkpoint_contents_and_pruning(tmp_path):
     train_tokenizer(micro_tokenizer_run("train.keep_checkpoints=2"), tmp_path)
     ckpts = list_checkpoints(tmp_path)
-    assert [p.name for p in ckpts] == ["ckpt-00000012.pt", "ckpt-00000016.pt"]
-    state = load_checkpoint(ckpts[-1])
-    assert {"model", "ema", "optimizer", "rng", "step", "epoch", "batch_in_epoch", "config"} <= set(state)
-    assert state["step"] == 16 and state["epoch"] == 2 and state["batch_in_epoch"] == 0
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert [p.name for p in ckpts] == ["ckpt-00000012", "ckpt-00000016"]
+    meta = read_meta(ckpts[-1])
+    assert {"config", "kind", "engine", "world_size", "files"} <= set(meta)
+    assert meta["step"] == 16 and meta["epoch"] == 2 and meta["step_in_epoch"] == 0
+    assert sorted(meta["files"]) == ["ema.safetensors", "state/rank-00000.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-00000012", "ckpt-00000016"]
 
 
 def test_loss_goes_down_when_overfitting(tmp_path):
@@ -89,12 +95,12 @@ def test_config_typo_is_a_clear_error(tmp_path):
 
 def test_resume_with_another_config_is_refused_and_loses_nothing(tmp_path):
     train_tokenizer(micro_tokenizer_run(), tmp_path, stop_at_step=4)
-    before = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
+    before = {p: p.read_bytes() for p in sorted(tmp_path.glob("checkpoints/**/*")) if p.is_file()}
     r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(tmp_path), "--resume", *MICRO_TOKENIZER,
              "model.decoder.hidden=64")
     assert r.returncode == 2
     assert "model.decoder.hidden" in r.stderr
-    assert {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)} == before
+    assert {p: p.read_bytes() for p in sorted(tmp_path.glob("checkpoints/**/*")) if p.is_file()} == before
     r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(tmp_path), *MICRO_TOKENIZER)
     assert r.returncode == 2 and "--resume" in r.stderr
 
@@ -103,14 +109,15 @@ def test_checkpoint_from_another_config_does_not_load(tmp_path):
     from semanticist_fast.config import to_dict
     from semanticist_fast.inference import Tokenizer
 
+    from safetensors.torch import load_file
+
     train_tokenizer(micro_tokenizer_run(), tmp_path, stop_at_step=4)
-    path = list_checkpoints(tmp_path)[-1]
-    state = load_checkpoint(path)
+    weights = load_file(str(newest(tmp_path) / "ema.safetensors"))
     other = micro_tokenizer_run("model.decoder.hidden=64")
-    state["config"] = to_dict(other)  # the file claims a config its weights were not trained with
-    torch.save(state, tmp_path / "bad.pt")
+    # The file claims a config its weights were not trained with.
+    write_weights_file(tmp_path / "bad.safetensors", weights, "tokenizer", to_dict(other))
     with pytest.raises(ValueError, match="does not fit this model"):
-        Tokenizer.from_checkpoint(tmp_path / "bad.pt", device="cpu")
+        Tokenizer.from_checkpoint(tmp_path / "bad.safetensors", device="cpu")
 
 
 def test_published_ddpm_decoder_trains_and_decodes(tmp_path):

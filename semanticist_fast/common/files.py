@@ -1,8 +1,12 @@
-"""Crash-safe file writes: a temporary file in the same directory, fsync, then rename.
+"""Crash-safe file writes: a temporary file in the same directory, fsync, then rename (and fsync the directory).
 
-Readers see the old file or the new one, never a torn write: checkpoints, cache shards, manifests, PNGs.
+Readers see the old file or the new one, never a torn write: checkpoints, cache shards, manifests, PNGs. A full
+disk ends in one DiskFullError naming the path, with the old file intact.
 """
+import errno
+import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -19,6 +23,20 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+class DiskFullError(OSError):
+    """The disk filled while writing `path`; the file it would have replaced is intact."""
+
+    def __init__(self, path: Path, needed: int = 0):
+        self.path, self.needed = Path(path), needed
+        free = shutil.disk_usage(self.path.parent if self.path.parent.exists() else ".").free
+        need = f", about {needed / 2**20:.1f} MiB needed" if needed else ""
+        super().__init__(errno.ENOSPC, f"disk full writing {self.path}: {free / 2**20:.1f} MiB free{need}; "
+                                       "the previous version is intact")
+
+    def __str__(self):
+        return self.strerror
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """write(f) into a temporary file beside path, fsync, then rename over path."""
     path = Path(path)
@@ -32,9 +50,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFullError(path) from None
         raise
 
 
@@ -44,3 +65,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (the directory entry itself is data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

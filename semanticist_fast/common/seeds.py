@@ -3,6 +3,10 @@ import torch
 
 _MASK64 = (1 << 64) - 1
 
+# The streams of a training run, so that the data order, each item's augmentation, the loader and the losses'
+# per-sample draws (common/noise.py) never share a seed.
+ORDER_STREAM, ITEM_STREAM, LOADER_STREAM, NOISE_STREAM = 1, 2, 3, 4
+
 
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _MASK64

@@ -50,7 +50,7 @@ def load_images(paths: list[str], image_size: int):
     import torch
     from PIL import Image
 
-    from .transforms import center_crop_arr
+    from .transforms import center_crop_arr, to_rgb
 
     images = []
     for p in paths:
@@ -58,7 +58,7 @@ def load_images(paths: list[str], image_size: int):
             raise FileNotFoundError(f"image {p} does not exist")
         try:
             with Image.open(p) as im:
-                images.append(center_crop_arr(im.convert("RGB"), image_size))
+                images.append(center_crop_arr(to_rgb(im), image_size))
         except OSError as e:
             raise ValueError(f"cannot read image {p}: {e}") from None
     return torch.stack(images)

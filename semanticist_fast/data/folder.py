@@ -2,22 +2,25 @@
 
 A large crawl always holds a few truncated or mislabelled files; crashing a multi-day run on one
 of them is worse than substituting a neighbour. An unreadable file is logged (warning, with its
-path) and replaced, deterministically, by the next readable item in sorted order.
+path) and replaced, deterministically, by the next readable item in sorted order; the trainer reports
+how many were skipped at the end of each epoch. A class folder without images is an error.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ..common.seeds import seeded_generator
-from .transforms import to_tensor
+from .transforms import to_rgb, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +41,9 @@ class ImageFolderDataset(Dataset):
     full image as a (3, H, W) tensor in [0, 1]. The generator of item i is seeded from
     (seed, epoch, i), so augmentations are reproducible and change with `set_epoch`.
 
-    `num_skipped` counts the distinct unreadable files met by *this process*: each DataLoader worker
-    holds its own copy of the dataset, so the main process's count stays 0 when workers do the
-    reading. Every skip is also logged (once per file per process) at warning level with its path.
+    `num_skipped` counts the distinct unreadable files met so far, by this process and its DataLoader
+    workers (one flag per file in shared memory, which forked workers inherit). Every skip is also
+    logged (once per file per process) at warning level with its path.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None, seed: int = 0):
@@ -58,6 +61,10 @@ class ImageFolderDataset(Dataset):
             for dirpath, dirnames, filenames in os.walk(root_path / name, followlinks=True):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 paths.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f) and not f.startswith("."))
+            if not paths:
+                raise FileNotFoundError(f"class folder '{root_path / name}' holds no images (extensions "
+                                        f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder, or every "
+                                        "label after it shifts")
             self.samples.extend((p, self.class_to_idx[name]) for p in sorted(paths))
         if not self.samples:
             raise FileNotFoundError(
@@ -68,11 +75,15 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        self.num_skipped = 0
+        self._skipped = multiprocessing.Array("b", len(self.samples), lock=False)
         self._unreadable: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def num_skipped(self) -> int:
+        return int(np.frombuffer(self._skipped, dtype=np.int8).sum())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -83,12 +94,12 @@ class ImageFolderDataset(Dataset):
         path = self.samples[index][0]
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")  # convert forces a full decode, so truncation fails here
+                return to_rgb(img)  # converting forces a full decode, so truncation fails here
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             self._unreadable.add(index)
-            self.num_skipped += 1
-            logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far in process %d",
-                           path, type(e).__name__, e, self.num_skipped, os.getpid())
+            self._skipped[index] = 1
+            logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far", path, type(e).__name__, e,
+                           self.num_skipped)
             return None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

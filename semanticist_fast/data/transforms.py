@@ -21,8 +21,30 @@ TEN_CROP_SCALES = (1.05, 1.10)
 TEN_CROP_POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(pil: Image.Image) -> Image.Image:
+    """Any image PIL opens, as 8-bit RGB with its real values: 16- and 32-bit greyscale scaled from the 16-bit range
+    (PIL's own convert clips them, so a mid-grey 16-bit PNG turns white), float greyscale from [0, 1] (or [0, 255]
+    when its values exceed 1), and transparency (RGBA, LA, P with a transparent colour) composited onto white."""
+    if pil.mode in _WIDE_GREY:
+        values = np.asarray(pil, dtype=np.float64)
+        if pil.mode != "I" or values.max(initial=0) > 255:
+            values = values / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if pil.mode == "F":
+        values = np.asarray(pil, dtype=np.float64)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip((values * scale).round(), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if pil.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in pil.info:
+        rgba = pil.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return pil.convert("RGB")
+
+
 def to_tensor(pil: Image.Image) -> torch.Tensor:
-    arr = np.asarray(pil.convert("RGB"), dtype=np.uint8)
+    arr = np.asarray(to_rgb(pil), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -34,7 +56,7 @@ def _adm_resize_short_side(pil: Image.Image, short_side: int) -> Image.Image:
 
 
 def _center_crop_pil(pil: Image.Image, size: int) -> Image.Image:
-    pil = _adm_resize_short_side(pil.convert("RGB"), size)
+    pil = _adm_resize_short_side(to_rgb(pil), size)
     w, h = pil.size
     left, top = (w - size) // 2, (h - size) // 2
     return pil.crop((left, top, left + size, top + size))
@@ -63,7 +85,7 @@ def random_crop_arr(
     lo = math.ceil(size / max_crop_frac)
     hi = math.ceil(size / min_crop_frac)
     short_side = _randint(lo, hi + 1, generator)
-    pil = _adm_resize_short_side(pil.convert("RGB"), short_side)
+    pil = _adm_resize_short_side(to_rgb(pil), short_side)
     w, h = pil.size
     top = _randint(0, h - size + 1, generator)
     left = _randint(0, w - size + 1, generator)

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..common.noise import SampleNoise, noise_or_local
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -118,10 +120,13 @@ class RectifiedFlow:
         return self  # no tables to move
 
     def training_losses(self, model_fn, x1: torch.Tensor, t: Optional[torch.Tensor] = None,
-                        noise: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """Per-sample {"loss", "mse"} (the same here: velocity MSE)."""
+                        noise: Optional[torch.Tensor] = None, rng: Optional[SampleNoise] = None) -> dict[str, torch.Tensor]:
+        """Per-sample {"loss", "mse"} (the same here: velocity MSE). t and noise not given are drawn from rng."""
+        rng = noise_or_local(rng, x1.device)
         if t is None:
-            t = torch.sigmoid(self.t_mean + self.t_std * torch.randn(x1.shape[0], device=x1.device))
+            t = torch.sigmoid(self.t_mean + self.t_std * rng.randn(x1.shape[0]))
+        if noise is None:
+            noise = rng.randn(*x1.shape).to(x1.dtype)
         mse = training_loss(lambda x, tt: model_fn(x, tt * self.time_scale), x1, t, noise)
         return {"loss": mse, "mse": mse}
 

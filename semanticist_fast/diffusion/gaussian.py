@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..common.noise import SampleNoise, noise_or_local
 from .schedules import make_betas, space_timesteps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,15 +139,17 @@ class GaussianDiffusion(nn.Module):
     def model_timesteps(self, t):
         return self.timestep_map[t]
 
-    def training_losses(self, model_fn: ModelFn, x_start, t=None, noise=None):
+    def training_losses(self, model_fn: ModelFn, x_start, t=None, noise=None, rng: Optional[SampleNoise] = None):
         """MSE on epsilon plus the VLB term on the learned variance, with the mean detached (ADM's hybrid loss).
 
-        t: (B,) timesteps, uniform over the chain when not given. Returns per-sample tensors: {"loss", "mse", "vb"}.
+        t: (B,) timesteps, uniform over the chain when not given; t and noise not given are drawn from rng
+        (common/noise.py). Returns per-sample tensors: {"loss", "mse", "vb"}.
         """
+        rng = noise_or_local(rng, x_start.device)
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
+            t = rng.randint(0, self.num_timesteps, x_start.shape[0])
         if noise is None:
-            noise = torch.randn_like(x_start)
+            noise = rng.randn(*x_start.shape).to(x_start.dtype)
         x_t = self.q_sample(x_start, t, noise)
         model_output = model_fn(x_t, self.model_timesteps(t))
         eps, var_values = self.split_output(model_output, x_t)
@@ -236,8 +239,8 @@ class DDPMSampling:
         self.chain = self.chain.to(self.device)
         return self
 
-    def training_losses(self, model_fn: ModelFn, x_start, t=None, noise=None):
-        return self.chain.training_losses(model_fn, x_start, t, noise)
+    def training_losses(self, model_fn: ModelFn, x_start, t=None, noise=None, rng: Optional[SampleNoise] = None):
+        return self.chain.training_losses(model_fn, x_start, t, noise, rng)
 
     def sampler(self, spec: str):
         chain, method = sampler_for(spec, self.num_timesteps, self.schedule, self.learn_sigma)

@@ -1,12 +1,18 @@
 """The optimizer step: AdamW with the reference's parameter groups, behind the seam a distributed engine fills.
 
-The trainer never touches an optimizer directly. It hands each micro-batch loss to `backward` and calls `step`
-once per optimizer step; `LocalOptimizerStep` does this for one process. A DeepSpeed engine implements the same
-four calls (its own backward scaling, clipping, ZeRO-partitioned state) without the trainer changing.
+The trainer never touches an optimizer directly. It hands each micro-batch loss to `backward`, calls `step` once
+per optimizer step, and reaches the state it averages and checkpoints through `shard()` (engine/shard.py).
+`LocalOptimizerStep` does this for one process; `engine.zero.DeepSpeedOptimizerStep` for ZeRO over many.
+
+A step whose gradient norm is not finite leaves the weights and the moments as they were (the fused AdamW's
+`found_inf`, decided on the device: no host sync); the trainer reports it and stops or goes on as configured.
+DeepSpeed skips such steps in the same way on its side.
 """
 from typing import Protocol
 
 import torch
+
+from .shard import Fragment, Shard
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -18,26 +24,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    device_type = next(model.parameters()).device.type
-    # The fused kernel is one launch for all tensors on GPU; elsewhere the foreach path is the fast one.
-    fused = device_type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused, foreach=not fused)
+    # The fused kernel is one launch for all tensors (CUDA and CPU), and it can skip a step on a device-side flag.
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=True)
 
 
 class OptimizerStep(Protocol):
+    model: torch.nn.Module  # what the task's loss runs (under ZeRO-3 its parameters are gathered by hooks)
+
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of one micro-batch's mean loss."""
 
     def step(self, lr: float) -> torch.Tensor:
-        """Apply the accumulated gradients at this learning rate; returns the gradient norm before clipping."""
+        """Apply the accumulated gradients at this learning rate; returns the gradient norm before clipping
+        (non-finite when the step was skipped)."""
 
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
+    def shard(self) -> Shard:
+        """This rank's fp32 slices of the trainable parameters and their AdamW moments."""
 
 
 class LocalOptimizerStep:
-    """One process: gradient accumulation, global-norm clipping, AdamW."""
+    """One process: gradient accumulation, global-norm clipping, fused AdamW."""
 
     def __init__(self, model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
                  grad_clip: float, grad_accum: int = 1):
@@ -51,12 +57,17 @@ class LocalOptimizerStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+    def shard(self) -> Shard:
+        optimizer = self.optimizer
+        fragments = []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                fragments.append(Fragment(name, tuple(p.shape), 0, p.data.view(-1),
+                                          lambda key, p=p: optimizer.state[p][key].view(-1)))
+        tensors = [p for group in optimizer.param_groups for p in group["params"]]
+        return Shard(fragments, optimizer, tensors)

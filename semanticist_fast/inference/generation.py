@@ -11,6 +11,8 @@ from typing import ClassVar, Literal, Optional, Union
 import torch
 
 from ..common.device import resolve_device
+from ..common.files import sha256_file
+from ..common.runs import weights_file
 from ..config import from_dict, migrate_saved
 from ..models.gpt import GPT, GPTConfig
 from .checkpoints import load_model
@@ -93,18 +95,47 @@ def sample_images(gpt: GPT, tokenizer: Tokenizer, labels: torch.Tensor, s: Sampl
                             generator=generator)
 
 
+PINNED_TOKENIZER = "tokenizer.safetensors"  # in an AR run directory: the tokenizer it was trained on
+
+
 @dataclass
 class LoadedGenerator:
     gpt: GPT
     sample: SampleConfig  # the run's sampling settings (defaults for a converted checkpoint)
     tokenizer_path: Optional[str]  # the tokenizer the AR model was trained on, if the checkpoint names one
+    tokenizer_sha256: Optional[str]  # and the sha256 of its weights, when the run pinned it
+    checkpoint: Path  # the checkpoint the weights came from
+
+    def tokenizer_file(self) -> Path:
+        """The tokenizer weights this model was trained on: the run's pinned copy, or the file its config names,
+        whichever has the recorded sha256. Raises ValueError when none has (pass another tokenizer explicitly)."""
+        run_dir = self.checkpoint.parent.parent if self.checkpoint.parent.name == "checkpoints" else None
+        candidates = [run_dir / PINNED_TOKENIZER] if run_dir is not None else []
+        if self.tokenizer_path:
+            try:
+                candidates.append(weights_file(self.tokenizer_path))
+            except (FileNotFoundError, ValueError):
+                pass
+        if not self.tokenizer_sha256:  # a converted checkpoint, or one from before tokenizers were pinned
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                raise ValueError(f"{self.checkpoint} names no tokenizer that exists: pass --tokenizer PATH")
+            return found
+        for candidate in candidates:
+            if candidate.is_file() and sha256_file(candidate) == self.tokenizer_sha256:
+                return candidate
+        raise ValueError(f"{self.checkpoint} was trained on the tokenizer with sha256 {self.tokenizer_sha256[:16]}..., "
+                         f"and no file has it now ({', '.join(map(str, candidates)) or 'none named'} differ or are "
+                         "missing): decoding with another tokenizer gives other images; pass --tokenizer PATH to do "
+                         "it anyway")
 
 
 def load_generator(path: Union[str, Path], device: Optional[str] = None) -> LoadedGenerator:
     """An AR checkpoint (EMA weights) with the sampling settings and tokenizer its run was trained with."""
-    gpt, run_config = load_model(path, "autoregressive", GPTConfig, GPT)
+    gpt, run_config, checkpoint = load_model(path, "autoregressive", GPTConfig, GPT)
     sample = from_dict(SampleConfig, migrate_saved(SampleConfig, run_config.get("sample", {})), prefix="sample.")
-    return LoadedGenerator(gpt.to(resolve_device(device)), sample, run_config.get("tokenizer"))
+    return LoadedGenerator(gpt.to(resolve_device(device)), sample, run_config.get("tokenizer"),
+                           run_config.get("tokenizer_sha256") or None, checkpoint)
 
 
 def with_overrides(sample: SampleConfig, **given) -> SampleConfig:

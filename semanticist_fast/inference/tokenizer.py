@@ -20,15 +20,15 @@ class Tokenizer:
         self._samplers: dict = {}
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], device: Optional[str] = None, use_ema: bool = True,
+    def from_checkpoint(cls, path: Union[str, Path], device: Optional[str] = None,
                         codec_path: Optional[str] = None) -> "Tokenizer":
-        """Load a checkpoint (or a run directory: its newest checkpoint), EMA weights by default."""
+        """Load a checkpoint's EMA weights (a run directory: its newest checkpoint that verifies)."""
         def with_codec_path(model_config: dict) -> dict:
             if codec_path is None:
                 return model_config
             return {**model_config, "codec": {**model_config["codec"], "path": codec_path}}
 
-        model, _ = load_model(path, "tokenizer", TokenizerConfig, SemanticistTokenizer, use_ema, with_codec_path)
+        model, _, _ = load_model(path, "tokenizer", TokenizerConfig, SemanticistTokenizer, with_codec_path)
         return cls(model, build_codec(model.cfg.codec), resolve_device(device))
 
     @property

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..common.noise import SampleNoise
 from ..diffusion import flow
 from ..diffusion.gaussian import GaussianDiffusion
 from .layers import TimestepEmbedder
@@ -121,15 +122,24 @@ class DiffusionHead(nn.Module):
             self.train_diffusion = GaussianDiffusion.create(ddpm_timesteps, ddpm_schedule, "", learn_sigma=True)
         self._chains: dict = {}
 
-    def loss(self, target: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Per-row loss (N,) for tokens target (N, token_dim) given cond (N, cond_dim)."""
-        def model_fn(x, t):
-            return self.net(x, t, cond)
+    def training_draws(self, rng: SampleNoise, batch: int, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample training times (batch, rows) and noise (batch, rows, token_dim) for the rows of each sample."""
+        if self.objective == "flow":
+            t = rng.rand(batch, rows_per_sample)
+        else:
+            t = rng.randint(0, self.train_diffusion.num_timesteps, batch, rows_per_sample)
+        return t, rng.randn(batch, rows_per_sample, self.token_dim)
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, t: Optional[torch.Tensor] = None,
+             noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-row loss (N,) for tokens target (N, token_dim) given cond (N, cond_dim); t (N,) and noise
+        (N, token_dim) are drawn from torch's generator when not given."""
+        def model_fn(x, tt):
+            return self.net(x, tt, cond)
 
         if self.objective == "flow":
-            return flow.training_loss(model_fn, target)
-        t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],), device=target.device)
-        return self.train_diffusion.training_losses(model_fn, target, t)["loss"]
+            return flow.training_loss(model_fn, target, t, noise)
+        return self.train_diffusion.training_losses(model_fn, target, t, noise)["loss"]
 
     def _sampling_chain(self, steps: int, device) -> GaussianDiffusion:
         key = (steps, str(device))

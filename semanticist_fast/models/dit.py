@@ -125,8 +125,12 @@ class SlotDiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, slots, return_repa: bool = False):
-        """x: noisy latents (B, C, H, W); t: (B,) timesteps; slots: (B, K, slot_dim) with dropped positions nulled."""
+    def forward(self, x, t, slots, return_repa: bool = False, keep: Optional[torch.Tensor] = None):
+        """x: noisy latents (B, C, H, W); t: (B,) timesteps; slots: (B, K, slot_dim) with dropped positions nulled,
+        or, with keep (B,) given, tokens whose positions >= keep[b] become the null slots here. Training passes keep:
+        under ZeRO-3 a parameter is gathered only inside its own module's forward, so null_cond is read here."""
+        if keep is not None:
+            slots = dispatch.nested_dropout(slots, self.null_cond, keep)
         h = self.x_embedder(x) + self.pos_embed
         slots = slots.to(h.dtype)
         if self.slot_to_patches is not None:

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
+from ..common.noise import SampleNoise, noise_or_local
 from ..kernels import dispatch
 from .diffusion_head import DiffusionHead
 from .sizes import resolve_size
@@ -217,21 +218,28 @@ class GPT(nn.Module):
             return h + self.diffusion_pos_embed_learned[:, :S]
         return h + self.diffusion_pos_embed_learned[0, input_pos]
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+    def drop_labels(self, labels: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
         """Replace labels by the null class with probability class_dropout (training, for CFG)."""
-        drop = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
+        drop = noise_or_local(rng, labels.device).rand(labels.shape[0]) < self.config.class_dropout
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Scalar training loss. tokens (B, N >= num_tokens, token_dim): the first num_tokens are modelled."""
+    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
+        """Scalar training loss. tokens (B, N >= num_tokens, token_dim): the first num_tokens are modelled.
+        rng: where the per-sample draws come from (common/noise.py; torch's generator by default)."""
         if tokens.shape[1] < self.num_tokens:
             raise ValueError(f"need at least {self.num_tokens} tokens per sample, got {tokens.shape[1]}")
-        target = tokens[:, :self.num_tokens]
+        rng = noise_or_local(rng, tokens.device)
+        B, N, D = tokens.shape[0], self.num_tokens, tokens.shape[2]
+        target = tokens[:, :N]
         if self.training and self.config.class_dropout > 0:
-            labels = self.drop_labels(labels)
+            labels = self.drop_labels(labels, rng)
         # The last token is never an input: its output would predict token num_tokens, which is not modelled.
         cond = self(labels, target[:, :-1])
         mul = self.config.diffusion_batch_mul
-        target = target.reshape(-1, target.shape[-1]).repeat(mul, 1)
+        t, noise = self.diffloss.training_draws(rng, B, mul * N)
+        # Rows follow the repeat below: copy m of token n of sample b is row (m * B + b) * N + n.
+        t = t.view(B, mul, N).transpose(0, 1).reshape(-1)
+        noise = noise.view(B, mul, N, D).transpose(0, 1).reshape(-1, D)
+        target = target.reshape(-1, D).repeat(mul, 1)
         cond = cond.reshape(-1, cond.shape[-1]).repeat(mul, 1)
-        return self.diffloss.loss(target, cond).mean()
+        return self.diffloss.loss(target, cond, t, noise.to(target.dtype)).mean()

@@ -1,9 +1,11 @@
 """The space the DiT denoises in, behind one interface: raw pixels, or the frozen KL-16 VAE's latents."""
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
+
+from ..common.noise import SampleNoise, noise_or_local
 
 
 @dataclass
@@ -28,7 +30,7 @@ class PixelCodec(nn.Module):
         super().__init__()
         self.channels = 3
 
-    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
         return images * 2 - 1
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -57,14 +59,22 @@ class KL16Codec(nn.Module):
         return super().train(False)  # frozen: never leaves eval mode
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
+        """A posterior sample, scaled; its noise comes from rng (common/noise.py), torch's generator by default."""
         from .vae_kl import sample_posterior
 
-        return sample_posterior(*self.vae.encode(images * 2 - 1), generator=generator) * self.scaling_factor
+        mean, logvar = self.vae.encode((images * 2 - 1).to(self.dtype))
+        noise = noise_or_local(rng, mean.device).randn(*mean.shape)
+        return sample_posterior(mean.float(), logvar.float(), noise=noise) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return (self.vae.decode(latents / self.scaling_factor) + 1) / 2
+        return (self.vae.decode((latents / self.scaling_factor).to(self.dtype)).float() + 1) / 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The VAE's weights' dtype: fp32, or bf16 when training keeps the frozen parts in bf16 on a GPU."""
+        return next(self.vae.parameters()).dtype
 
 
 def build_codec(cfg: CodecConfig) -> nn.Module:

@@ -1,5 +1,6 @@
 """Layers shared by the ViT encoder and the DiT decoder."""
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,9 @@ class Attention(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample."""
+    """Stochastic depth per sample: sample b's branch is dropped when its uniform draw u[b] >= the keep probability.
+    The caller draws u (B,) (see common/noise.py), so compiled blocks take it as an input and runs on any number of
+    ranks drop the same samples."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -56,10 +59,12 @@ class DropPath(nn.Module):
         # A tensor, not a Python float: torch.compile would specialise a graph on every distinct rate of the ramp.
         self.register_buffer("keep_prob", torch.tensor(1.0 - p), persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, u: Optional[torch.Tensor] = None):
         if not self.active or not self.training:
             return x
-        keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) < self.keep_prob
+        if u is None:
+            u = torch.rand(x.shape[0], device=x.device)
+        keep = u.view(x.shape[0], *([1] * (x.ndim - 1))) < self.keep_prob
         return x * keep.to(x.dtype) / self.keep_prob.to(x.dtype)
 
 

@@ -1,9 +1,10 @@
 """Nested dropout over slot tokens: the mechanism that orders tokens like principal components."""
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
+from ..common.noise import SampleNoise, noise_or_local
 from ..kernels import dispatch
 
 
@@ -35,13 +36,13 @@ class NestedDropout:
         progress = epoch if self.cfg.unit == "epoch" else step
         return self.cfg.enabled and progress >= self.cfg.enable_nest_after
 
-    def sample_keep(self, batch: int, step: int, epoch: int, device, generator=None) -> torch.Tensor:
+    def sample_keep(self, batch: int, step: int, epoch: int, device, rng: Optional[SampleNoise] = None) -> torch.Tensor:
         K = self.num_slots
-        if self.nesting_active(step, epoch):
-            keep = torch.randint(1, K + 1, (batch,), device=device, generator=generator)
-        else:
-            keep = torch.full((batch,), K, device=device, dtype=torch.long)
-        full_drop = torch.rand(batch, device=device, generator=generator) < self.cfg.full_drop_prob
+        rng = noise_or_local(rng, device)
+        # Both draws are made in every phase, so the stream a sample sees does not depend on when nesting starts.
+        drawn = rng.randint(1, K + 1, batch)
+        keep = drawn if self.nesting_active(step, epoch) else torch.full_like(drawn, K)
+        full_drop = rng.rand(batch) < self.cfg.full_drop_prob
         return torch.where(full_drop, torch.zeros_like(keep), keep)
 
     @staticmethod

@@ -4,11 +4,12 @@ Frozen parts (the latent codec, the REPA teacher) are not submodules: they never
 optimizer or the EMA. The parameter names follow the official checkpoints, so conversion is renaming at most.
 """
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
 
+from ..common.noise import SampleNoise
 from ..diffusion.flow import RectifiedFlow, euler_steps
 from ..diffusion.gaussian import DDPMSampling
 from ..kernels import dispatch
@@ -89,9 +90,9 @@ class SemanticistTokenizer(nn.Module):
         self.nested = NestedDropout(cfg.nested, enc.num_slots)
         self.num_slots = enc.num_slots
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images in [0, 1] (B, 3, H, W) -> tokens (B, K, slot_dim), PCA-ordered."""
-        return dispatch.standardize_tokens(self.encoder2slot(self.encoder(images)).float())
+    def encode(self, images: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
+        """images in [0, 1] (B, 3, H, W) -> tokens (B, K, slot_dim), PCA-ordered. rng: training's per-sample draws."""
+        return dispatch.standardize_tokens(self.encoder2slot(self.encoder(images, rng)).float())
 
     def condition(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Tokens with positions >= keep[b] replaced by the decoder's learned null slots."""

@@ -260,10 +260,13 @@ class AutoencoderKL(nn.Module):
 
 
 def sample_posterior(
-    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + torch.exp(0.5 * logvar) * noise
+    """A draw from the diagonal Gaussian posterior; `noise` (standard normal, mean's shape) when the caller drew it."""
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
 
 
 def _rename_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

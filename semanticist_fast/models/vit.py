@@ -6,6 +6,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
+from ..common.noise import SampleNoise, noise_or_local
 from ..kernels import dispatch
 from .layers import Attention, DropPath, Mlp, PatchEmbed
 from .sizes import resolve_size
@@ -57,9 +58,11 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, attend):
-        x = x + self.drop_path(self.attn(self.norm1(x), attend))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x, attend, drop_u: Optional[torch.Tensor] = None):
+        """drop_u: (B, 2) uniform draws deciding stochastic depth of the two branches (None: drawn here)."""
+        u_attn, u_mlp = (None, None) if drop_u is None else drop_u.unbind(1)
+        x = x + self.drop_path(self.attn(self.norm1(x), attend), u_attn)
+        return x + self.drop_path(self.mlp(self.norm2(x)), u_mlp)
 
 
 class SlotEncoder(nn.Module):
@@ -78,6 +81,7 @@ class SlotEncoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(dim, heads, cfg.mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.signed_input = cfg.input_range == "signed"
+        self.stochastic_depth = cfg.drop_path > 0
         self._init_weights(cfg.pos_embed_std)
 
     def _init_weights(self, pos_embed_std: float):
@@ -88,13 +92,17 @@ class SlotEncoder(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images in [0, 1] (B, 3, H, W) -> normalised slot features (B, num_slots, dim)."""
+    def forward(self, images: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
+        """images in [0, 1] (B, 3, H, W) -> normalised slot features (B, num_slots, dim).
+        rng: where training draws the stochastic-depth masks (common/noise.py)."""
         x = self.patch_embed(images * 2 - 1 if self.signed_input else images)
         B = x.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), x, self.slot_embed.expand(B, -1, -1)], dim=1)
         x = x + self.pos_embed
         attend = partial(dispatch.slot_encoder_attention, num_image_tokens=1 + self.num_patches)
-        for block in self.blocks:
-            x = block(x, attend)
+        drop_u = None
+        if self.training and self.stochastic_depth:
+            drop_u = noise_or_local(rng, x.device).rand(B, len(self.blocks), 2)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attend, None if drop_u is None else drop_u[:, i])
         return self.norm(x[:, -self.num_slots:])

@@ -21,11 +21,17 @@ def read_weights(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise a different type for each way a file can be wrong
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch"
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot read weights from {path}: it is not a readable {kind} file "
+                         f"({type(e).__name__}: {first_line})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     if not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 import torch
 
+from ..common.noise import SampleNoise
 from ..data.build import DataConfig, build_dataset, held_out_dataset
 from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
 from ..eval.grid import save_grid, token_counts
@@ -47,25 +48,32 @@ class TokenizerTask:
             self.teacher = load_dinov2(cfg.repa.teacher_path, device=device)
         elif teacher is None:
             log.info("REPA is off: no model.repa.teacher_path given")
+        if device.type == "cuda" and run.train.precision == "bf16":
+            # Frozen, outside the engine, on every rank: bf16 halves their memory; the loss runs them under autocast.
+            self.codec.to(torch.bfloat16)
+            if self.teacher is not None:
+                self.teacher.to(torch.bfloat16)
         self.preview_batch = preview_batch
 
-    def loss(self, model: SemanticistTokenizer, batch, step: int, epoch: int):
+    def new_model(self) -> SemanticistTokenizer:
+        return SemanticistTokenizer(self.run.model)
+
+    def loss(self, model: SemanticistTokenizer, batch, step: int, epoch: int, rng: Optional[SampleNoise] = None):
         images = batch[0].to(self.device, non_blocking=True)
         with torch.no_grad():
-            latents = self.codec.encode(images).float()
+            latents = self.codec.encode(images, rng).float()
             target = self.teacher(images) if self.teacher is not None else None
-        tokens = model.encode(images)
-        keep = model.nested.sample_keep(images.shape[0], step, epoch, self.device)
-        cond = model.condition(tokens, keep)
+        tokens = model.encode(images, rng)
+        keep = model.nested.sample_keep(images.shape[0], step, epoch, self.device, rng)
         projected = {}
 
         def denoiser(x_t, timesteps):
             if target is None:
-                return model.dit(x_t, timesteps, cond)
-            out, projected["repa"] = model.dit(x_t, timesteps, cond, return_repa=True)
+                return model.dit(x_t, timesteps, tokens, keep=keep)
+            out, projected["repa"] = model.dit(x_t, timesteps, tokens, return_repa=True, keep=keep)
             return out
 
-        terms = self.process.training_losses(denoiser, latents)
+        terms = self.process.training_losses(denoiser, latents, rng=rng)
         loss = terms["loss"].mean()
         metrics = {"loss": loss, "mse": terms["mse"].mean()}
         if "vb" in terms:
@@ -90,10 +98,11 @@ class TokenizerTask:
 
 
 def build(run: TokenizerRun, out_dir: Path, device: torch.device):
+    """The task and its training set (checked, nothing written)."""
     train_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed)
     val_set = held_out_dataset(run.data, run.model.image_size, run.train.seed)
     preview = torch.stack([val_set[i][0] for i in range(min(run.preview_images, len(val_set)))]).to(device)
-    return TokenizerTask(run, device, preview), train_set
+    return TokenizerTask(run, device, preview), lambda world: train_set
 
 
 SPEC = TaskSpec(kind="tokenizer", run_config=TokenizerRun, build=build)
