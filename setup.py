@@ -88,7 +88,8 @@ setup(
     packages=find_packages(include=["semanticist_fast", "semanticist_fast.*"]),
     install_requires=["torch", "numpy", "pyyaml", "tqdm", "tensorboard", "safetensors", "pillow"],
     # train.engine=deepspeed; scripts/install.sh installs it (pinned in constraints.txt).
-    extras_require={"deepspeed": ["deepspeed"]},
+    # dali: data.loader=dali (NVIDIA DALI; its CPU pipeline runs anywhere); scripts/install.sh --dev installs it.
+    extras_require={"deepspeed": ["deepspeed"], "dali": ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13"]},
     entry_points={"console_scripts": ["semanticist-fast = semanticist_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -1,0 +1,217 @@
+"""The data path side by side in one run: decode + crops with the PIL loader vs DALI, and a tokenizer training step
+with the online VAE vs the latent cache.
+
+    pip install --no-deps scikit-image   # its bundled photographs, cut into ImageNet-sized JPEGs (nothing imported)
+    python benchmarks/bench_data.py                                   # CPU: DALI on the CPU, tiny training shapes
+    python benchmarks/bench_data.py --device cuda --preset tokenizer-L --images 2048 --workers 8   # a GPU
+
+1. Decode + crops, images/s over whole epochs of an ImageFolder of JPEGs (random 500 x 375 crops of the
+   photographs, quality 90): the torch loader (ImageFolderDataset + DataLoader, `--workers` processes) against
+   data.loader=dali (the same batches, DALI with `--workers` threads; on a GPU nvJPEG via device="mixed" and the
+   batches on the GPU, the PIL batches copied there too). Two crops: the training crop (random crop + flip at
+   `--size`) and the cache build's ten-crop (20 views per image).
+2. Training images/s of the tokenizer step (loss, backward, AdamW) with the KL VAE's encoder run online against
+   the posterior read from a latent cache (the batch carries mean and log-variance; the VAE encoder is skipped):
+   same model, batch and noise. Random weights stand in for the VAE (the cost does not depend on them). Presets:
+   tiny (CPU: 64 px, a narrow 5-level VAE, a tiny tokenizer) and tokenizer-L (GPU: ViT-B + DiT-L/2 at 256 px with
+   MAR's KL-16 architecture, bf16; REPA off, its teacher being another frozen part).
+
+Writes benchmarks/results/bench_data-<device>-<date>.json unless --no-write.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import flops  # noqa: E402
+from benchmarks.common import describe_device, sync, time_call, write_result  # noqa: E402
+from benchmarks.photo_tiles import photo_dir  # noqa: E402
+from semanticist_fast.common.noise import BatchNoise  # noqa: E402
+from semanticist_fast.data.dali import DaliImages  # noqa: E402
+from semanticist_fast.data.folder import ImageFolderDataset  # noqa: E402
+from semanticist_fast.data.loader import epoch_loader  # noqa: E402
+from semanticist_fast.data.scan import scan_folder  # noqa: E402
+from semanticist_fast.data.token_cache import image_views  # noqa: E402
+from semanticist_fast.data.transforms import build_transform  # noqa: E402
+from semanticist_fast.engine.optimizer import build_adamw  # noqa: E402
+from semanticist_fast.models.dit import DecoderConfig  # noqa: E402
+from semanticist_fast.models.latent_codec import CodecConfig  # noqa: E402
+from semanticist_fast.models.tokenizer import TokenizerConfig  # noqa: E402
+from semanticist_fast.models.vae_kl import AutoencoderKL, VAEConfig, save_autoencoder_kl  # noqa: E402
+from semanticist_fast.models.vit import EncoderConfig  # noqa: E402
+from semanticist_fast.tasks.tokenizer import TokenizerRun, TokenizerTask  # noqa: E402
+
+PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "motorcycle_left.png",
+          "ihc.png", "astronaut.png", "motorcycle_right.png")
+
+
+class OneRank:
+    rank, size = 0, 1
+
+    def __init__(self, device):
+        self.device = device
+
+    def barrier(self, what):
+        pass
+
+
+def make_folder(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` JPEGs of about ImageNet's median size: random 500 x 375 windows of the photographs, resized."""
+    source = photo_dir()
+    photos = [Image.open(source / n).convert("RGB") for n in PHOTOS if (source / n).is_file()]
+    gen = torch.Generator().manual_seed(seed)
+    for k in range(count):
+        photo = photos[k % len(photos)]
+        scale = float(torch.empty(()).uniform_(0.6, 1.0, generator=gen))
+        w, h = max(500, round(photo.width * scale)), max(375, round(photo.height * scale))
+        big = photo.resize((w, h), Image.BICUBIC)
+        left = int(torch.randint(0, w - 500 + 1, (1,), generator=gen))
+        top = int(torch.randint(0, h - 375 + 1, (1,), generator=gen))
+        window = big.crop((left, top, left + 500, top + 375))
+        if k % 4 == 3:
+            window = window.transpose(Image.Transpose.ROTATE_90)  # some portraits
+        folder = root / f"class{k % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        window.save(folder / f"{k:05d}.jpg", quality=90)
+    return root
+
+
+def images_per_s(epoch, count: int, device: torch.device, repeats: int) -> float:
+    """Whole passes of `epoch()` (an iterable of (images, ...) batches), the images moved to `device`."""
+    def one_pass():
+        for batch in epoch():
+            batch[0].to(device, non_blocking=True)
+    times = time_call(one_pass, device, repeats=repeats, warmup=1)
+    return count / min(times)
+
+
+def decode_benchmark(args, device: torch.device) -> dict:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_folder(Path(tmp) / "images", args.images)
+        transform = build_transform("random_crop", args.size, True)
+        folder = ImageFolderDataset(root, transform)
+        scan_start = time.perf_counter()
+        scan = scan_folder(folder.samples, folder.root, Path(tmp) / "scan", OneRank(device), progress=False,
+                           threads=args.workers)
+        scan_s = time.perf_counter() - scan_start
+        dali = DaliImages(folder, scan, transform, device, num_threads=args.workers)
+        n = len(folder) // args.batch * args.batch
+        pin = device.type == "cuda"
+        pil_rate = images_per_s(lambda: epoch_loader(folder, args.batch, 0, 0, num_workers=args.workers,
+                                                     pin_memory=pin), n, device, args.repeats)
+        dali_rate = images_per_s(lambda: epoch_loader(dali, args.batch, 0, 0, num_workers=args.workers), n, device,
+                                 args.repeats)
+        out["random_crop_flip"] = {"pil_images_per_s": pil_rate, "dali_images_per_s": dali_rate,
+                                   "dali_over_pil": dali_rate / pil_rate}
+        raw = ImageFolderDataset(root)
+        m = min(len(raw), args.ten_crop_images)
+        indices = list(range(m))
+
+        def pil_views():
+            for k in range(0, m, 4):
+                yield (torch.stack([image_views(raw[i][0], "ten_crop", args.size) for i in indices[k:k + 4]]),)
+
+        raw_dali = DaliImages(raw, scan, None, device, num_threads=args.workers)
+        pil_rate = images_per_s(pil_views, m, device, args.repeats)
+        dali_rate = images_per_s(lambda: ((x,) for x in raw_dali.view_batches(indices, "ten_crop", args.size, 4)), m,
+                                 device, args.repeats)
+        out["ten_crop_20_views"] = {"pil_images_per_s": pil_rate, "dali_images_per_s": dali_rate,
+                                    "dali_over_pil": dali_rate / pil_rate}
+        out["scan_files_per_s"] = len(folder) / scan_s
+    return out
+
+
+def training_shapes(preset: str) -> tuple[TokenizerConfig, VAEConfig]:
+    if preset == "tokenizer-L":
+        cfg = flops.published_tokenizer_config()
+        return replace(cfg, decoder=replace(cfg.decoder, repa_block=0)), VAEConfig()
+    # The VAE's share of the step's FLOPs about as at tokenizer-L (0.15 of the trained parts'), at CPU widths.
+    vae = VAEConfig(block_out_channels=(8, 16, 16, 32, 32), layers_per_block=1, latent_channels=16,
+                    norm_num_groups=4)
+    cfg = TokenizerConfig(
+        image_size=64,
+        encoder=EncoderConfig(size="custom", dim=96, depth=4, heads=4, patch_size=8, num_slots=8),
+        decoder=DecoderConfig(size="custom", depth=4, hidden=96, heads=4, patch_size=1, repa_block=0),
+        codec=CodecConfig(kind="kl16", path="", latent_channels=16, downsample=16))
+    return cfg, vae
+
+
+def training_benchmark(args, device: torch.device) -> dict:
+    cfg, vae_cfg = training_shapes(args.preset)
+    bf16 = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        save_autoencoder_kl(AutoencoderKL(vae_cfg), vae_cfg.to_dict(), tmp)
+        cfg = replace(cfg, codec=replace(cfg.codec, path=tmp))
+        run = TokenizerRun(model=cfg)
+        run.train.precision = "bf16" if bf16 else "fp32"
+        torch.manual_seed(0)
+        task = TokenizerTask(run, device, None)
+    model = task.model.train()
+    optimizer = build_adamw(model, 1e-4, (0.9, 0.95), 0.05)
+    gen = torch.Generator(device).manual_seed(0)
+    images = torch.rand(args.train_batch, 3, cfg.image_size, cfg.image_size, device=device, generator=gen)
+    labels = torch.zeros(args.train_batch, dtype=torch.long, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        mean, logvar = task.codec.posterior(images)
+    cached = (images, labels, mean.half().float(), logvar.half().float())  # as the cache stores them
+    rng = BatchNoise(0, args.train_batch, slice(0, args.train_batch), device)
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = task.loss(model, batch, 0, 10 ** 9, rng)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = {"preset": args.preset, "batch": args.train_batch, "image_size": cfg.image_size,
+              "vae_encoder_gflop_per_image": flops.vae_encoder_forward(vae_cfg, cfg.image_size) / 1e9,
+              "trained_gflop_per_image": flops.tokenizer_step(cfg, repa=False)["trained_fwd_bwd"] / 1e9}
+    for name, batch in (("online", (images, labels)), ("cached", cached)):
+        times = time_call(lambda: step(batch), device, repeats=args.train_steps, warmup=2)
+        result[f"{name}_images_per_s"] = args.train_batch / sorted(times)[len(times) // 2]
+    result["cached_over_online"] = result["cached_images_per_s"] / result["online_images_per_s"]
+    sync(device)
+    return result
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--images", type=int, default=128, help="JPEGs in the decode benchmark's folder")
+    p.add_argument("--ten-crop-images", type=int, default=32, help="images of the ten-crop measurement")
+    p.add_argument("--size", type=int, default=256, help="crop size")
+    p.add_argument("--batch", type=int, default=32, help="loader batch")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes / DALI threads")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes (the best counts) after one warm-up pass")
+    p.add_argument("--preset", choices=["tiny", "tokenizer-L"], default="tiny", help="training shapes")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--train-steps", type=int, default=5, help="timed training steps per variant (the median counts)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(max(1, args.workers))
+    record = {"device": describe_device(device), "device_kind": device.type, "size": args.size,
+              "images": args.images, "batch": args.batch, "workers": args.workers,
+              "decode": decode_benchmark(args, device), "train": training_benchmark(args, device)}
+    for kind, r in record["decode"].items():
+        if isinstance(r, dict):
+            print(f"{kind:>18}: PIL {r['pil_images_per_s']:8.1f} img/s   DALI {r['dali_images_per_s']:8.1f} img/s   "
+                  f"x{r['dali_over_pil']:.2f}")
+    t = record["train"]
+    print(f"{'training ' + t['preset']:>18}: online VAE {t['online_images_per_s']:8.1f} img/s   latent cache "
+          f"{t['cached_images_per_s']:8.1f} img/s   x{t['cached_over_online']:.2f}")
+    if not args.no_write:
+        print("wrote", write_result("bench_data", record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
