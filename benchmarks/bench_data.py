@@ -9,7 +9,9 @@ with the online VAE vs the latent cache.
    photographs, quality 90): the torch loader (ImageFolderDataset + DataLoader, `--workers` processes) against
    data.loader=dali (the same batches, DALI with `--workers` threads; on a GPU nvJPEG via device="mixed" and the
    batches on the GPU, the PIL batches copied there too). Two crops: the training crop (random crop + flip at
-   `--size`) and the cache build's ten-crop (20 views per image).
+   `--size`) and the cache build's ten-crop (20 views per image). Every eighth image is 1000 x 750, which the PIL
+   path halves with a BOX filter before its bicubic step; the per-pixel difference between the two loaders'
+   crops is recorded for both kinds (`tolerance_random_crop_flip`).
 2. Training images/s of the tokenizer step (loss, backward, AdamW) with the KL VAE's encoder run online against
    the posterior read from a latent cache (the batch carries mean and log-variance; the VAE encoder is skipped):
    same model, batch and noise. Random weights stand in for the VAE (the cost does not depend on them). Presets:
@@ -35,10 +37,10 @@ from benchmarks.photo_tiles import photo_dir  # noqa: E402
 from semanticist_fast.common.noise import BatchNoise  # noqa: E402
 from semanticist_fast.data.dali import DaliImages  # noqa: E402
 from semanticist_fast.data.folder import ImageFolderDataset  # noqa: E402
-from semanticist_fast.data.loader import epoch_loader  # noqa: E402
+from semanticist_fast.data.loader import epoch_loader, rank_batches  # noqa: E402
 from semanticist_fast.data.scan import scan_folder  # noqa: E402
 from semanticist_fast.data.token_cache import image_views  # noqa: E402
-from semanticist_fast.data.transforms import build_transform  # noqa: E402
+from semanticist_fast.data.transforms import adm_resize_plan, build_transform  # noqa: E402
 from semanticist_fast.engine.optimizer import build_adamw  # noqa: E402
 from semanticist_fast.models.dit import DecoderConfig  # noqa: E402
 from semanticist_fast.models.latent_codec import CodecConfig  # noqa: E402
@@ -74,12 +76,30 @@ def make_folder(root: Path, count: int, seed: int = 0) -> Path:
         left = int(torch.randint(0, w - 500 + 1, (1,), generator=gen))
         top = int(torch.randint(0, h - 375 + 1, (1,), generator=gen))
         window = big.crop((left, top, left + 500, top + 375))
+        if k % 8 == 7:
+            window = window.resize((1000, 750), Image.BICUBIC)  # some large ones: the PIL path halves them first
         if k % 4 == 3:
             window = window.transpose(Image.Transpose.ROTATE_90)  # some portraits
         folder = root / f"class{k % 4}"
         folder.mkdir(parents=True, exist_ok=True)
         window.save(folder / f"{k:05d}.jpg", quality=90)
     return root
+
+
+def pixel_tolerance(folder, dali, batch: int) -> dict:
+    """Per image, the mean and max absolute difference (0-255) between DALI's and PIL's random crop + flip, apart for
+    the crops PIL resizes in one bicubic step and those it first halves with a BOX filter."""
+    regimes = {"one_bicubic_step": [], "box_halvings_first": []}
+    batches = rank_batches(len(folder), batch, batch, 1, 0, 0, 0)
+    for keys, (xp, _), (xd, _) in zip(batches, epoch_loader(folder, batch, 0, 0), epoch_loader(dali, batch, 0, 0)):
+        for (index, seed), a, b in zip(keys, xp, xd):
+            w, h = int(dali.scan.width[index]), int(dali.scan.height[index])
+            box = folder.transform.box(w, h, torch.Generator().manual_seed(seed))
+            halves = bool(adm_resize_plan(w, h, box.short_side)[0])
+            d = (a - b.cpu()).abs() * 255
+            regimes["box_halvings_first" if halves else "one_bicubic_step"].append((d.mean().item(), d.max().item()))
+    return {name: {"crops": len(v), "mean_abs": sum(m for m, _ in v) / len(v), "worst_mean_abs": max(m for m, _ in v),
+                   "max_abs": max(x for _, x in v)} for name, v in regimes.items() if v}
 
 
 def images_per_s(epoch, count: int, device: torch.device, repeats: int) -> float:
@@ -125,6 +145,7 @@ def decode_benchmark(args, device: torch.device) -> dict:
         out["ten_crop_20_views"] = {"pil_images_per_s": pil_rate, "dali_images_per_s": dali_rate,
                                     "dali_over_pil": dali_rate / pil_rate}
         out["scan_files_per_s"] = len(folder) / scan_s
+        out["tolerance_random_crop_flip"] = pixel_tolerance(folder, dali, args.batch)
     return out
 
 
@@ -202,9 +223,12 @@ def main(argv=None) -> dict:
               "images": args.images, "batch": args.batch, "workers": args.workers,
               "decode": decode_benchmark(args, device), "train": training_benchmark(args, device)}
     for kind, r in record["decode"].items():
-        if isinstance(r, dict):
+        if isinstance(r, dict) and "dali_over_pil" in r:
             print(f"{kind:>18}: PIL {r['pil_images_per_s']:8.1f} img/s   DALI {r['dali_images_per_s']:8.1f} img/s   "
                   f"x{r['dali_over_pil']:.2f}")
+    for regime, r in record["decode"]["tolerance_random_crop_flip"].items():
+        print(f"{regime:>18}: DALI - PIL per pixel (0-255): mean {r['mean_abs']:.2f} (worst image "
+              f"{r['worst_mean_abs']:.2f}), max {r['max_abs']:.0f}, over {r['crops']} crops")
     t = record["train"]
     print(f"{'training ' + t['preset']:>18}: online VAE {t['online_images_per_s']:8.1f} img/s   latent cache "
           f"{t['cached_images_per_s']:8.1f} img/s   x{t['cached_over_online']:.2f}")
