@@ -102,13 +102,30 @@ def pixel_tolerance(folder, dali, batch: int) -> dict:
                    "max_abs": max(x for _, x in v)} for name, v in regimes.items() if v}
 
 
-def images_per_s(epoch, count: int, device: torch.device, repeats: int) -> float:
-    """Whole passes of `epoch()` (an iterable of (images, ...) batches), the images moved to `device`."""
+def interleaved(variants: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call of each variant, the variants taking turns (after one warm-up call each), so that a
+    shared machine's changing load falls on all of them alike."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name] += time_call(fn, device, repeats=1, warmup=0)
+    return times
+
+
+def passes(epoch, device: torch.device):
+    """One whole pass of `epoch()` (an iterable of (images, ...) batches), the images moved to `device`."""
     def one_pass():
         for batch in epoch():
             batch[0].to(device, non_blocking=True)
-    times = time_call(one_pass, device, repeats=repeats, warmup=1)
-    return count / min(times)
+    return one_pass
+
+
+def compare(epochs: dict, count: int, device: torch.device, repeats: int) -> dict:
+    times = interleaved({name: passes(epoch, device) for name, epoch in epochs.items()}, device, repeats)
+    rates = {f"{name}_images_per_s": count / min(t) for name, t in times.items()}
+    return {**rates, "dali_over_pil": rates["dali_images_per_s"] / rates["pil_images_per_s"]}
 
 
 def decode_benchmark(args, device: torch.device) -> dict:
@@ -124,12 +141,9 @@ def decode_benchmark(args, device: torch.device) -> dict:
         dali = DaliImages(folder, scan, transform, device, num_threads=args.workers)
         n = len(folder) // args.batch * args.batch
         pin = device.type == "cuda"
-        pil_rate = images_per_s(lambda: epoch_loader(folder, args.batch, 0, 0, num_workers=args.workers,
-                                                     pin_memory=pin), n, device, args.repeats)
-        dali_rate = images_per_s(lambda: epoch_loader(dali, args.batch, 0, 0, num_workers=args.workers), n, device,
-                                 args.repeats)
-        out["random_crop_flip"] = {"pil_images_per_s": pil_rate, "dali_images_per_s": dali_rate,
-                                   "dali_over_pil": dali_rate / pil_rate}
+        out["random_crop_flip"] = compare({
+            "pil": lambda: epoch_loader(folder, args.batch, 0, 0, num_workers=args.workers, pin_memory=pin),
+            "dali": lambda: epoch_loader(dali, args.batch, 0, 0, num_workers=args.workers)}, n, device, args.repeats)
         raw = ImageFolderDataset(root)
         m = min(len(raw), args.ten_crop_images)
         indices = list(range(m))
@@ -139,11 +153,10 @@ def decode_benchmark(args, device: torch.device) -> dict:
                 yield (torch.stack([image_views(raw[i][0], "ten_crop", args.size) for i in indices[k:k + 4]]),)
 
         raw_dali = DaliImages(raw, scan, None, device, num_threads=args.workers)
-        pil_rate = images_per_s(pil_views, m, device, args.repeats)
-        dali_rate = images_per_s(lambda: ((x,) for x in raw_dali.view_batches(indices, "ten_crop", args.size, 4)), m,
-                                 device, args.repeats)
-        out["ten_crop_20_views"] = {"pil_images_per_s": pil_rate, "dali_images_per_s": dali_rate,
-                                    "dali_over_pil": dali_rate / pil_rate}
+        out["ten_crop_20_views"] = compare({
+            "pil": pil_views,
+            "dali": lambda: ((x,) for x in raw_dali.view_batches(indices, "ten_crop", args.size, 4))},
+            m, device, args.repeats)
         out["scan_files_per_s"] = len(folder) / scan_s
         out["tolerance_random_crop_flip"] = pixel_tolerance(folder, dali, args.batch)
     return out
@@ -195,9 +208,10 @@ def training_benchmark(args, device: torch.device) -> dict:
     result = {"preset": args.preset, "batch": args.train_batch, "image_size": cfg.image_size,
               "vae_encoder_gflop_per_image": flops.vae_encoder_forward(vae_cfg, cfg.image_size) / 1e9,
               "trained_gflop_per_image": flops.tokenizer_step(cfg, repa=False)["trained_fwd_bwd"] / 1e9}
-    for name, batch in (("online", (images, labels)), ("cached", cached)):
-        times = time_call(lambda: step(batch), device, repeats=args.train_steps, warmup=2)
-        result[f"{name}_images_per_s"] = args.train_batch / sorted(times)[len(times) // 2]
+    times = interleaved({"online": lambda: step((images, labels)), "cached": lambda: step(cached)}, device,
+                        args.train_steps)
+    for name, t in times.items():
+        result[f"{name}_images_per_s"] = args.train_batch / sorted(t)[len(t) // 2]
     result["cached_over_online"] = result["cached_images_per_s"] / result["online_images_per_s"]
     sync(device)
     return result
@@ -211,10 +225,10 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=256, help="crop size")
     p.add_argument("--batch", type=int, default=32, help="loader batch")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes / DALI threads")
-    p.add_argument("--repeats", type=int, default=2, help="timed passes (the best counts) after one warm-up pass")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes (the best counts) after one warm-up pass")
     p.add_argument("--preset", choices=["tiny", "tokenizer-L"], default="tiny", help="training shapes")
     p.add_argument("--train-batch", type=int, default=16)
-    p.add_argument("--train-steps", type=int, default=5, help="timed training steps per variant (the median counts)")
+    p.add_argument("--train-steps", type=int, default=9, help="timed training steps per variant (the median counts)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
