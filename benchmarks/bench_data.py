@@ -21,11 +21,13 @@ with the online VAE vs the latent cache.
 Writes benchmarks/results/bench_data-<device>-<date>.json unless --no-write.
 """
 import argparse
+import resource
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from statistics import median
 
 import torch
 from PIL import Image
@@ -102,16 +104,24 @@ def pixel_tolerance(folder, dali, batch: int) -> dict:
                    "max_abs": max(x for _, x in v)} for name, v in regimes.items() if v}
 
 
-def interleaved(variants: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each call of each variant, the variants taking turns (after one warm-up call each), so that a
-    shared machine's changing load falls on all of them alike."""
+def interleaved(variants: dict, device: torch.device, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Wall-clock and CPU seconds (this process and its loader workers) of each call of each variant, the variants
+    taking turns after one warm-up call each, so that a shared machine's changing load falls on all of them alike.
+    On a busy CPU the CPU seconds say more than the wall clock; on a GPU the wall clock is the figure."""
     for fn in variants.values():
         fn()
-    times = {name: [] for name in variants}
+    times = {name: {"wall": [], "cpu": []} for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name] += time_call(fn, device, repeats=1, warmup=0)
+            cpu = _cpu_seconds()
+            times[name]["wall"] += time_call(fn, device, repeats=1, warmup=0)
+            times[name]["cpu"].append(_cpu_seconds() - cpu)
     return times
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def passes(epoch, device: torch.device):
@@ -124,8 +134,13 @@ def passes(epoch, device: torch.device):
 
 def compare(epochs: dict, count: int, device: torch.device, repeats: int) -> dict:
     times = interleaved({name: passes(epoch, device) for name, epoch in epochs.items()}, device, repeats)
-    rates = {f"{name}_images_per_s": count / min(t) for name, t in times.items()}
-    return {**rates, "dali_over_pil": rates["dali_images_per_s"] / rates["pil_images_per_s"]}
+    out = {}
+    for name, t in times.items():
+        out[f"{name}_images_per_s"] = count / min(t["wall"])
+        out[f"{name}_images_per_cpu_s"] = count / min(t["cpu"])
+    out["dali_over_pil"] = out["dali_images_per_s"] / out["pil_images_per_s"]
+    out["dali_over_pil_cpu"] = out["dali_images_per_cpu_s"] / out["pil_images_per_cpu_s"]
+    return out
 
 
 def decode_benchmark(args, device: torch.device) -> dict:
@@ -211,8 +226,10 @@ def training_benchmark(args, device: torch.device) -> dict:
     times = interleaved({"online": lambda: step((images, labels)), "cached": lambda: step(cached)}, device,
                         args.train_steps)
     for name, t in times.items():
-        result[f"{name}_images_per_s"] = args.train_batch / sorted(t)[len(t) // 2]
+        result[f"{name}_images_per_s"] = args.train_batch / median(t["wall"])
+        result[f"{name}_images_per_cpu_s"] = args.train_batch / median(t["cpu"])
     result["cached_over_online"] = result["cached_images_per_s"] / result["online_images_per_s"]
+    result["cached_over_online_cpu"] = result["cached_images_per_cpu_s"] / result["online_images_per_cpu_s"]
     sync(device)
     return result
 
@@ -229,23 +246,33 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", choices=["tiny", "tokenizer-L"], default="tiny", help="training shapes")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--train-steps", type=int, default=9, help="timed training steps per variant (the median counts)")
+    p.add_argument("--parts", default="decode,train", help="which measurements: decode, train or both")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    torch.set_num_threads(max(1, args.workers))
+    if device.type == "cpu":
+        # One intra-op thread: with more, a CPU that other work shares turns OpenMP's waits into noise (steps
+        # 10x apart); the decode side gets its parallelism from --workers, PIL's processes and DALI's threads alike.
+        torch.set_num_threads(1)
     record = {"device": describe_device(device), "device_kind": device.type, "size": args.size,
-              "images": args.images, "batch": args.batch, "workers": args.workers,
-              "decode": decode_benchmark(args, device), "train": training_benchmark(args, device)}
-    for kind, r in record["decode"].items():
+              "images": args.images, "batch": args.batch, "workers": args.workers}
+    parts = set(args.parts.split(","))
+    if "decode" in parts:
+        record["decode"] = decode_benchmark(args, device)
+    if "train" in parts:
+        record["train"] = training_benchmark(args, device)
+    for kind, r in record.get("decode", {}).items():
         if isinstance(r, dict) and "dali_over_pil" in r:
             print(f"{kind:>18}: PIL {r['pil_images_per_s']:8.1f} img/s   DALI {r['dali_images_per_s']:8.1f} img/s   "
-                  f"x{r['dali_over_pil']:.2f}")
-    for regime, r in record["decode"]["tolerance_random_crop_flip"].items():
+                  f"x{r['dali_over_pil']:.2f}   (per CPU second: x{r['dali_over_pil_cpu']:.2f})")
+    for regime, r in record.get("decode", {}).get("tolerance_random_crop_flip", {}).items():
         print(f"{regime:>18}: DALI - PIL per pixel (0-255): mean {r['mean_abs']:.2f} (worst image "
               f"{r['worst_mean_abs']:.2f}), max {r['max_abs']:.0f}, over {r['crops']} crops")
-    t = record["train"]
-    print(f"{'training ' + t['preset']:>18}: online VAE {t['online_images_per_s']:8.1f} img/s   latent cache "
-          f"{t['cached_images_per_s']:8.1f} img/s   x{t['cached_over_online']:.2f}")
+    t = record.get("train")
+    if t:
+        print(f"{'training ' + t['preset']:>18}: online VAE {t['online_images_per_s']:8.1f} img/s   latent cache "
+              f"{t['cached_images_per_s']:8.1f} img/s   x{t['cached_over_online']:.2f}   (per CPU second: "
+              f"x{t['cached_over_online_cpu']:.2f})")
     if not args.no_write:
         print("wrote", write_result("bench_data", record))
     return record

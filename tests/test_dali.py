@@ -1,7 +1,6 @@
 """data.loader=dali on the CPU: the PIL crops within the stated tolerance (exactly, where nothing is resampled), the
 torch loader's order, an exact resume after a kill, and bad or unusual files skipped, counted or decoded right."""
 import io
-import json
 import signal
 import subprocess
 import sys
@@ -12,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import MICRO_TOKENIZER, photo_folder
+from helpers import MICRO_TOKENIZER, OneRank, photo_folder
+from test_trainer import _cli, read_losses
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (pip install -e .[dali])")
 
@@ -31,14 +31,6 @@ SIZE = 32
 # side at least twice the target's), DALI's single step differs more, on fine texture most.
 NO_HALVING_MEAN, NO_HALVING_MAX = 0.5, 16
 HALVING_MEAN, HALVING_AVERAGE = 10.0, 4.0
-
-
-class OneRank:
-    rank, size, device = 0, 1, torch.device("cpu")
-
-    @staticmethod
-    def barrier(what):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +97,12 @@ def test_without_resampling_dali_equals_pil_exactly(tmp_path):
                         folder.transform, torch.device("cpu"))
     names = [p.split("/")[-1].split(".")[0] for p, _ in folder.samples]
     r = names.index("r")
-    seeds = [s for s in range(200) if folder.transform.box(45, SIZE, torch.Generator().manual_seed(s)).short_side == SIZE]
-    got = dali_views(images, [[(r, s) for s in seeds[:12]]], lambda i, w, h, g: [folder.transform.box(w, h, g)])
+    unscaled = [s for s in range(200) if folder.transform.box(45, SIZE, torch.Generator().manual_seed(s)).short_side
+                == SIZE]
+    got = dali_views(images, [[(r, s) for s in unscaled[:12]]], lambda i, w, h, g: [folder.transform.box(w, h, g)])
     _, pil = folder.load(r)
     tops_lefts_flips = set()
-    for k, s in enumerate(seeds[:12]):
+    for k, s in enumerate(unscaled[:12]):
         box = folder.transform.box(*pil.size, torch.Generator().manual_seed(s))
         tops_lefts_flips.add((box.left, box.flip))
         assert torch.equal(got[k, 0], folder.transform(pil, torch.Generator().manual_seed(s)))
@@ -226,14 +219,6 @@ def test_the_scan_resumes_splits_across_ranks_and_refuses_another_file_list(phot
         build_scan(samples[1:], root, whole, shard_size=10, progress=False)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "semanticist_fast", *args], capture_output=True, text=True)
-
-
-def _losses(out):
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-
-
 def test_a_killed_dali_run_resumes_exactly(tmp_path):
     root = photo_folder(tmp_path / "photos", short_sides=(20, 28, 40))
     folder_data = MICRO_TOKENIZER + ["data.dataset=folder", f"data.root={root}", "train.ckpt_every=2",
@@ -254,12 +239,12 @@ def test_a_killed_dali_run_resumes_exactly(tmp_path):
     assert list_checkpoints(out)[-1].name < list_checkpoints(ref)[-1].name, "the run finished before the kill"
     r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(out), "--resume", *overrides)
     assert r.returncode == 0, r.stderr
-    assert _losses(out) == _losses(ref)
+    assert read_losses(out) == read_losses(ref)
     # The DALI run read the torch loader's images: its first loss is the torch run's, up to the filter difference.
     torch_run = tmp_path / "torch"
     r = _cli("train", "configs/tokenizer_tiny.yaml", "--out", str(torch_run), *folder_data, "train.epochs=1")
     assert r.returncode == 0, r.stderr
-    assert _losses(torch_run)[1] == pytest.approx(_losses(ref)[1], rel=0.05)
+    assert read_losses(torch_run)[1] == pytest.approx(read_losses(ref)[1], rel=0.05)
 
 
 def test_loader_dali_needs_image_files():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import MICRO_TOKENIZER, micro_tokenizer_run, photo_folder
+from helpers import MICRO_TOKENIZER, OneRank, micro_tokenizer_run, photo_folder
+from test_trainer import read_losses
 from semanticist_fast.cli import main as cli_main
 from semanticist_fast.common.noise import BatchNoise
 from semanticist_fast.data.latent_cache import LatentCache, LatentViews, build_latent_cache
@@ -146,10 +147,6 @@ class OnlineViews(torch.utils.data.Dataset):
         return self.views.get(index, generator)[:2]
 
 
-def _losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-
-
 def test_training_from_the_cache_matches_training_from_the_online_vae(vae, tmp_path, one_thread, monkeypatch):
     overrides = kl16_overrides(vae) + ["train.epochs=3", "train.ckpt_every=100"]
     cache = tmp_path / "cache"
@@ -167,7 +164,7 @@ def test_training_from_the_cache_matches_training_from_the_online_vae(vae, tmp_p
 
     monkeypatch.setitem(TASKS, "tokenizer", replace(spec, build=online))
     train(micro_tokenizer_run(*overrides, f"data.latents={cache}"), tmp_path / "online")
-    cached, online_losses = _losses(tmp_path / "cached"), _losses(tmp_path / "online")
+    cached, online_losses = (list(read_losses(tmp_path / name).values()) for name in ("cached", "online"))
     assert len(cached) == len(online_losses) == 6
     assert cached == pytest.approx(online_losses, rel=2e-3)
     assert cached != online_losses  # the cache's fp16 rounding is the one difference
@@ -184,13 +181,6 @@ def test_dali_reads_the_same_views_and_posteriors(tmp_path, vae, one_thread):
     raw = ImageFolderDataset(root)
     build(codec_of(vae), raw, tmp_path / "cache", views="ten_crop", batch_size=40)
     cache = LatentCache(tmp_path / "cache")
-
-    class OneRank:
-        rank, size, device = 0, 1, torch.device("cpu")
-
-        @staticmethod
-        def barrier(what):
-            pass
 
     images = dali_images(DataConfig(dataset="folder", root=str(root), scan_dir=str(tmp_path / "scan")), raw, OneRank,
                          progress=False)

@@ -3,14 +3,14 @@
 What stays ours: the order and the crops. The batches are the (index, item seed) lists of loader.rank_batches, so a
 DALI run reads exactly the images, in exactly the order, of a torch-loader run, on any number of ranks, and resumes
 at the same place. Every crop is a transforms.CropBox computed in Python from the image's size (recorded by the
-scan) and the item's generator, with the PIL transform's own draws; DALI only decodes, resizes to the box's size
-and cuts the box's window (per-sample arguments fed through `fn.external_source`). So the geometry is identical to
-the PIL path's and only the resampling differs: PIL halves with a BOX filter while the short side is at least twice
-the target and then resizes bicubically; DALI makes one antialiased bicubic resize. The difference (README, "Data:
-DALI and the latent cache"; tests/test_dali.py): on photographs, per pixel on the 0-255 scale, a mean absolute
-difference of about 0.2 and a maximum under 10 where no halving happens (the source's short side below twice the
-target's: most of ImageNet at 256 px), a mean of about 1-4 and a maximum up to about 40 on fine texture where it
-does. Without any resampling the two are equal.
+scan) and the item's generator, with the PIL transform's own draws; DALI only decodes, resizes to the box's size and
+cuts the box's window (per-sample arguments fed through `fn.external_source`). So the geometry is identical to the
+PIL path's and only the resampling differs: PIL halves with a BOX filter while the short side is at least twice the
+target and then resizes bicubically; DALI makes one antialiased bicubic resize. Per pixel on the 0-255 scale, DALI
+minus PIL on photographs at 256 px (benchmarks/bench_data.py): a mean absolute difference of 0.17 and a maximum of 7
+where PIL resizes in one step (the source's short side under twice the target's: most of ImageNet), a mean of 0.56
+and a maximum of 9 where it halves first. On small crops of fine texture the halving case reaches a mean of 3-8 and
+a maximum near 75 (the bounds of tests/test_dali.py). Where nothing is resampled the two are equal.
 
 Files come from the scan (data/scan.py): unreadable ones are skipped (replaced, like ImageFolderDataset, by the
 next readable file in sorted order) and counted; those DALI would decode differently or not at all (CMYK, 16-bit,
@@ -66,7 +66,9 @@ class DaliCrops:
         (V, 3) as (top, left, flip), labels) lists; source raises StopIteration after the last batch."""
         dali, fn, types = require_dali()
         gpu = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
+        device_id = None
+        if gpu:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         S, view_resizes, R = self.size, self.view_resizes, self.num_resizes
 
         @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id, seed=0,
@@ -109,7 +111,8 @@ class DaliCrops:
             short = [None] * self.num_resizes
             for box, r in zip(item_boxes, self.view_resizes):
                 if box.size != self.size or short[r] not in (None, box.short_side):
-                    raise ValueError(f"box {box} does not fit this pipeline (size {self.size}, views {self.view_resizes})")
+                    raise ValueError(f"box {box} does not fit this pipeline (size {self.size}, "
+                                     f"views {self.view_resizes})")
                 short[r] = box.short_side
             resizes.append(np.array([CropBox(s, 0, 0, self.size).resized(w, h) for s in short], np.float32))
             windows.append(np.array([(b.top, b.left, int(b.flip)) for b in item_boxes], np.int32))
@@ -151,16 +154,13 @@ class _Epoch:
             return self.crops.inputs(encoded, boxes, sizes, labels)
 
         pipe = self.crops.pipeline(source)
-        try:
-            while True:
-                try:
-                    images, labels = pipe.run()
-                except StopIteration:
-                    return
-                x, y = self.crops.to_torch(images, labels)
-                yield (x[:, 0] if self.squeeze else x, y, *pending.popleft())
-        finally:
-            del pipe
+        while True:
+            try:
+                images, labels = pipe.run()
+            except StopIteration:
+                return
+            x, y = self.crops.to_torch(images, labels)
+            yield (x[:, 0] if self.squeeze else x, y, *pending.popleft())
 
 
 class DaliImages:
@@ -221,7 +221,7 @@ class DaliImages:
         n = len(self.samples)
         index %= n
         while True:
-            j = self.scan.resolve(index, frozenset(self._bad))
+            j = self.scan.resolve(index, self._bad)
             for k in range(index, index + (j - index) % n):
                 self._skip(k % n, "unreadable at the image scan" if k % n not in self._bad else "unreadable now")
             got = self._bytes(j)
@@ -241,7 +241,8 @@ class DaliImages:
     def epoch_loader(self, batches: list[list[tuple[int, int]]], num_workers: int = 0, pin_memory: bool = False):
         if self.transform is None:
             raise ValueError("this DaliImages has no transform: it serves cached views only")
-        return self.loader(batches, self.transform.size, lambda index, w, h, generator: [self.transform.box(w, h, generator)])
+        transform = self.transform
+        return self.loader(batches, transform.size, lambda index, w, h, generator: [transform.box(w, h, generator)])
 
     def view_batches(self, indices: list[int], views: str, size: int, batch: int) -> Iterator[torch.Tensor]:
         """All `views` (transforms.view_boxes) of each image of `indices`, `batch` images at a time:

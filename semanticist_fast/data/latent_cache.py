@@ -31,7 +31,7 @@ import torch
 from ..common.device import autocast_for
 from .shards import CacheError, ShardWriter, check_identity, open_shards
 from .token_cache import image_views
-from .transforms import TEN_CROP_SCALES, crop_views, num_views, view_boxes, view_for_epoch
+from .transforms import TEN_CROP_SCALES, crop_views, num_views, to_pil, view_boxes, view_for_epoch
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -179,14 +179,12 @@ class LatentViews(torch.utils.data.Dataset):
         return view_for_epoch(self.seed, index, epoch, self.cache.num_views)
 
     def _pil(self, index: int):
-        from PIL import Image
-
         load = getattr(self.images, "load", None)
         if load is not None:
             j, pil = load(index)
             return pil, self.images.samples[j][1]
         image, label = self.images[index]
-        return Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()), label
+        return to_pil(image), label
 
     def get(self, index: int, generator: Optional[torch.Generator] = None):
         view = self.view_for(index, self.epoch)

@@ -51,7 +51,8 @@ def default_scan_dir(root: str) -> Path:
     """Where the scan of `root` is kept unless data.scan_dir says otherwise (a home every node of a cluster sees)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     resolved = str(Path(root).resolve())
-    return cache / "semanticist-fast" / "scans" / f"{Path(resolved).name}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    return cache / "semanticist-fast" / "scans" / f"{Path(resolved).name}-{digest}"
 
 
 def direct_to_dali(pil: Image.Image) -> bool:
@@ -141,8 +142,9 @@ class Scan:
         manifest, arrays = open_shards(self.dir, _NAMES, what="image scan")
         wanted = files_digest(samples, root)
         if manifest.get("files_sha256") != wanted or manifest.get("num_items") != len(samples):
+            scanned = str(manifest.get("files_sha256"))[:12]
             raise CacheError(f"the image scan in {self.dir} was made of another list of files "
-                             f"({manifest.get('num_items')} files, files_sha256 {str(manifest.get('files_sha256'))[:12]}; "
+                             f"({manifest.get('num_items')} files, files_sha256 {scanned}; "
                              f"{root} has {len(samples)}, {wanted[:12]}): files were added, removed or renamed; "
                              f"delete {self.dir} to scan again")
         self.status, self.width, self.height, self.bytes, self.crc32 = (np.concatenate(arrays[n]) for n in _NAMES)
@@ -150,7 +152,7 @@ class Scan:
         if self.num_unreadable == len(samples):
             raise RuntimeError(f"no readable image under '{root}': all {len(samples)} files failed to decode")
 
-    def resolve(self, index: int, also_bad: frozenset = frozenset()) -> int:
+    def resolve(self, index: int, also_bad=()) -> int:
         """`index`, or the next file in sorted order the scan found readable (and not in also_bad)."""
         n = len(self.status)
         for step in range(n):

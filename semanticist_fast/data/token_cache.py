@@ -17,7 +17,7 @@ import torch
 from ..common.device import autocast_for
 from ..common.files import sha256_file
 from .shards import CacheError, ShardWriter, open_shards
-from .transforms import crop_views, num_views, view_boxes, view_for_epoch
+from .transforms import crop_views, num_views, to_pil, view_boxes, view_for_epoch
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # 3: a record with sizes and checksums per shard
@@ -33,9 +33,7 @@ class CacheConfig:
 
 def image_views(image: torch.Tensor, views: str, size: int) -> torch.Tensor:
     """All augmented views of one image (3, H, W) in [0, 1] -> (V, 3, size, size) (transforms.view_boxes)."""
-    from PIL import Image
-
-    pil = Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    pil = to_pil(image)
     return torch.stack(crop_views(pil, view_boxes(views, *pil.size, size)))
 
 

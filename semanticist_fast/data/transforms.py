@@ -48,6 +48,11 @@ def to_rgb(pil: Image.Image) -> Image.Image:
     return pil.convert("RGB")
 
 
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A (3, H, W) image in [0, 1] as 8-bit RGB (exact for what to_tensor made)."""
+    return Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
 def to_tensor(pil: Image.Image) -> torch.Tensor:
     arr = np.asarray(to_rgb(pil), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
