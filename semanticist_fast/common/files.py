@@ -1,7 +1,8 @@
-"""Crash-safe file writes: a temporary file in the same directory, fsync, then rename.
+"""Crash-safe file writes: a temporary file in the same directory, fsync, then rename; and file checksums.
 
 Readers see the old file or the new one, never a torn write: checkpoints, cache shards, manifests, PNGs.
 """
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -44,3 +45,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes: the identity of a checkpoint or weights file in caches and stores."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,7 +1,7 @@
 """A directory of fixed-size .npy shards and the manifest that says what they hold and which are done.
 
 Shared by the caches that encode a dataset once and stream it afterwards (the AR token cache; the latent cache
-to come). The manifest records the cache's identity (what it was built from); opening it for a run whose
+to come) and by the evaluations' sample stores (eval/sharded.py), which several ranks write at once. The manifest records the cache's identity (what it was built from); opening it for a run whose
 identity differs is refused with the differing fields named. Shards are written atomically and recorded in the
 manifest as they finish, so an interrupted build resumes at the first missing shard, and readers memory-map them.
 """
@@ -56,9 +56,22 @@ class ShardWriter:
 
     def write(self, shard: int, **arrays: np.ndarray) -> None:
         """Each array to `{name}-{shard}.npy`, then the shard is recorded as done."""
+        self.write_files(shard, **arrays)
+        self.record([shard])
+
+    def write_files(self, shard: int, **arrays: np.ndarray) -> None:
+        """The shard's arrays, unrecorded. Writers in several processes use this, since recording races on the
+        manifest; afterwards one of them records what is on disk: `record(found(names))`."""
         for name, array in arrays.items():
             atomic_write(shard_file(self.dir, name, shard), lambda f, a=array: np.save(f, a))
-        done = sorted(set(self.manifest["complete_shards"]) | {shard})
+
+    def found(self, names: tuple[str, ...]) -> list[int]:
+        """The shards all of whose arrays are on disk (each written atomically: a file there is whole)."""
+        count = num_shards(self.num_items, self.shard_size)
+        return [s for s in range(count) if all(shard_file(self.dir, n, s).is_file() for n in names)]
+
+    def record(self, shards: list[int]) -> None:
+        done = sorted(set(self.manifest["complete_shards"]) | set(shards))
         self.manifest["complete_shards"] = done
         self.manifest["complete"] = len(done) == num_shards(self.num_items, self.shard_size)
         atomic_write_text(self.path, json.dumps(self.manifest, indent=1))
