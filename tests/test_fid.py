@@ -127,7 +127,7 @@ def test_inception_score_of_a_constant_prediction_is_one(net):
 
 
 def test_ssim_equals_scikit_image_on_known_photographs():
-    skimage_data = pytest.importorskip("skimage.data")
+    import skimage.data as skimage_data  # a test dependency (requirements-dev.txt): its absence fails, not skips
     from skimage.metrics import structural_similarity
 
     photos = [skimage_data.astronaut()[100:196, 180:260], skimage_data.coffee()[150:230, 200:300]]
@@ -268,6 +268,24 @@ def test_killed_run_resumes_to_identical_samples(micro_runs, inception_file, gen
     assert np.array_equal(whole["arr_0"], resumed["arr_0"]) and np.array_equal(whole["arr_1"], resumed["arr_1"])
     assert json.loads((out / "summary.json").read_text())["gfid"] == json.loads(
         (gen_whole / "summary.json").read_text())["gfid"]
+
+
+def test_ranks_come_from_the_launcher_environment(monkeypatch):
+    from semanticist_fast.common.distributed import Ranks, ranks_from_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert ranks_from_env() == Ranks(0, 1, 0)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranks = ranks_from_env()
+    assert ranks == Ranks(1, 2, 1) and [s for s in range(5) if ranks.owns(s)] == [1, 3]
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="inconsistent"):
+        ranks_from_env()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        ranks_from_env()
 
 
 def test_two_ranks_give_the_samples_of_one(micro_runs, inception_file, gen_whole, tmp_path):

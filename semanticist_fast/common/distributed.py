@@ -21,9 +21,9 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mine(self, items: list) -> list:
-        """This rank's share of items: every world_size-th one, starting at its rank."""
-        return items[self.rank::self.world_size]
+    def owns(self, index: int) -> bool:
+        """Whether work item `index` is this rank's: every world_size-th one, starting at its rank."""
+        return index % self.world_size == self.rank
 
     def device(self, device: torch.device) -> torch.device:
         """One GPU per local rank; other devices are shared as given."""

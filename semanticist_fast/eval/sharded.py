@@ -4,8 +4,8 @@ Shard s holds items [s * shard_size, (s + 1) * shard_size) and is made as one ba
 (seed, s) alone, so its content does not depend on which rank made it, on how many ranks there were, or on whether
 the run was interrupted. Shard s belongs to rank s mod world_size; each rank makes the shards of its own that are
 not on disk (data/shards.py writes them atomically), then all meet at a barrier and rank 0 records them and
-computes the metrics. A killed run, launched again with the same settings (any number of ranks), continues at the
-first missing shard; different settings are refused with the differing fields named.
+computes the metrics. A killed run, launched again with the same settings (any number of ranks), makes only the
+shards that are missing; different settings are refused with the differing fields named.
 """
 import logging
 import time
@@ -30,7 +30,7 @@ def run_shards(directory: Path, identity: dict, names: tuple[str, ...], make_sha
     writer = ShardWriter(directory, identity, tuple(identity), what=f"{what} store")
     count = num_shards(writer.num_items, writer.shard_size)
     done = set(writer.found(names))
-    mine = [s for s in range(count) if s % ranks.world_size == ranks.rank and s not in done]
+    mine = [s for s in range(count) if ranks.owns(s) and s not in done]
     total = sum(writer.shard_len(s) for s in mine)
     bar = None
     if progress and ranks.is_main and mine:
