@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs semanticist-fast into the current Python environment on a fresh machine.
 #   bash scripts/install.sh          runtime (CPU torch 2.13.0, DeepSpeed, pinned) + the C++ extension
-#   bash scripts/install.sh --dev    also the test dependencies
+#   bash scripts/install.sh --dev    also the test dependencies and the optional extras (.[eval])
 # On a CUDA machine, install your torch first, then: pip install -e .
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python -m pip install -q -c constraints.txt"
 $PIP torch==2.13.0 numpy pyyaml tqdm tensorboard safetensors pillow setuptools wheel cmake deepspeed
+EXTRAS=""
 if [[ "${1:-}" == "--dev" ]]; then
   $PIP -r requirements-dev.txt
+  EXTRAS="[eval]"  # the optional parts, so that the tests (and CI) cover them: eval = torch-fidelity
 fi
 # The extension builds against the torch just installed. No build isolation: nothing to fetch for the build
 # (setup.py copes with isolation too); --use-pep517 skips setuptools' deprecated `setup.py develop` path.
-$PIP --no-build-isolation --use-pep517 -e .
+$PIP --no-build-isolation --use-pep517 -e ".${EXTRAS}"

@@ -1,4 +1,4 @@
-"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, sample, convert.
+"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, sample, convert, eval.
 
 Exit codes: 0 done; 1 a runtime error (a file that cannot be used, a non-finite run, a rank that died, a full
 disk); 2 a usage error (a bad option, config key or value); 75 stopped by a signal after writing a checkpoint
@@ -29,23 +29,6 @@ def _positive(name: str):
     return parse
 
 
-def _parse_tokens(spec: str, num_slots: int) -> list[int]:
-    counts = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part == "all":
-            counts.append(num_slots)
-            continue
-        try:
-            k = int(part)
-        except ValueError:
-            raise UsageError(f"--tokens: {part!r} is not a number or 'all' (example: --tokens 1,4,16,all)") from None
-        if not 1 <= k <= num_slots:
-            raise UsageError(f"--tokens: {k} is outside 1..{num_slots} (this tokenizer has {num_slots} slots)")
-        counts.append(k)
-    return counts
-
-
 def cmd_train(args) -> int:
     from .config import load_config
     from .tasks import load_deepspeed_config, spec_for_file, train
@@ -60,11 +43,11 @@ def cmd_train(args) -> int:
 def cmd_reconstruct(args) -> int:
     from .data.build import load_images
     from .eval.grid import save_grid, token_counts
-    from .eval.reconstruction import format_report, held_out_images, reconstruction_report
+    from .eval.reconstruction import format_report, held_out_images, parse_token_counts, reconstruction_report
     from .inference import Tokenizer
 
     tok = Tokenizer.from_checkpoint(args.ckpt, device=args.device, codec_path=args.codec_path)
-    counts = _parse_tokens(args.tokens, tok.num_slots) if args.tokens else token_counts(tok.num_slots)
+    counts = parse_token_counts(args.tokens, tok.num_slots) if args.tokens else token_counts(tok.num_slots)
     if args.images:
         images = load_images(args.images, tok.image_size)
     else:
@@ -112,10 +95,7 @@ def cmd_sample(args) -> int:
     classes = _parse_classes(args.classes, loaded.gpt.num_classes)
     tokenizer_path = args.tokenizer or loaded.tokenizer_file()
     tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
-    # Every option left unset falls back to the run's `sample` section.
-    s = with_overrides(loaded.sample, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
-                       temperature=args.temperature, head_steps=args.head_steps, sampler=args.sampler,
-                       decoder_guidance=args.decoder_guidance, decoder_steps=args.decoder_steps)
+    s = with_overrides(loaded.sample, **_sampling_overrides(args))
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=device)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = torch.cat([sample_images(loaded.gpt, tokenizer, labels[start:start + args.batch_size], s, generator).cpu()
@@ -125,6 +105,43 @@ def cmd_sample(args) -> int:
     save_samples(images, labels, out.with_suffix(".npz"))
     log.info("wrote %s (one row per class %s) and %s, decoded by %s", out, classes, out.with_suffix(".npz"),
              tokenizer_path)
+    return 0
+
+
+def _sampling_overrides(args) -> dict:
+    """The sampling options given; each one left unset (None) falls back to the run's `sample` section."""
+    return dict(guidance=args.guidance, guidance_schedule=args.guidance_schedule, temperature=args.temperature,
+                head_steps=args.head_steps, sampler=args.sampler, decoder_guidance=args.decoder_guidance,
+                decoder_steps=args.decoder_steps)
+
+
+def _eval_config(args):
+    from .common.runs import saved_config
+    from .eval.config import resolve_eval_config
+
+    flags = {name: getattr(args, name, None) for name in
+             ("inception_path", "reference", "reference_images", "num_images", "per_class", "tokens", "shard_size",
+              "seed")}
+    return resolve_eval_config(saved_config(args.ckpt), args.config, args.overrides, **flags)
+
+
+def cmd_eval_recon(args) -> int:
+    from .eval.recon_eval import evaluate_reconstruction, format_recon_summary
+
+    summary = evaluate_reconstruction(args.ckpt, _eval_config(args), args.out, args.guidance, args.steps,
+                                      args.device, args.codec_path, progress=not args.no_progress)
+    if summary is not None:  # rank 0
+        print(format_recon_summary(summary))
+    return 0
+
+
+def cmd_eval_gen(args) -> int:
+    from .eval.gen_eval import evaluate_generation, format_gen_summary
+
+    summary = evaluate_generation(args.ckpt, _eval_config(args), args.out, args.tokenizer, args.device,
+                                  progress=not args.no_progress, **_sampling_overrides(args))
+    if summary is not None:  # rank 0
+        print(format_gen_summary(summary))
     return 0
 
 
@@ -163,6 +180,42 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(version_text())
         parser.exit()
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    # Unset sampling options take the values of the checkpoint's `sample` section.
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                   help="class guidance scale (default: the run's sample.guidance)")
+    p.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
+                   default=None, help="how guidance grows over the tokens (default: the run's)")
+    p.add_argument("--temperature", type=float, default=None, help="diffusion-head temperature (default: the run's)")
+    p.add_argument("--head-steps", type=_positive("--head-steps"), default=None,
+                   help="diffusion-head sampling steps per token (default: the run's)")
+    p.add_argument("--sampler", choices=["sde", "ode"], default=None, help="diffusion-head sampler (default: the run's)")
+    p.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
+                   help="tokenizer decoder guidance scale (default: the run's)")
+    p.add_argument("--decoder-steps", default=None,
+                   help="tokenizer decoder steps, e.g. 250, ddim25 or euler4 (default: the run's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="decode with this tokenizer instead of the one the AR model was trained on (pinned by sha256)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="checkpoint (folder or file) or run directory")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/eval/<checkpoint>/<recon|gen>); "
+                                               "a killed run continues in it")
+    p.add_argument("--inception-path", default=None,
+                   help="torch-fidelity's InceptionV3 weights, weights-inception-2015-12-05-6726825d.pth "
+                        "(eval.inception_path; never downloaded)")
+    p.add_argument("--reference", default=None,
+                   help="FID reference: an ADM-style .npz (mu/sigma, or images arr_0) (default: the run's own images)")
+    p.add_argument("--shard-size", type=_positive("--shard-size"), default=None,
+                   help="images per shard and batch (eval.shard_size)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (eval.seed)")
+    p.add_argument("--config", default=None, help="a YAML file whose `eval:` section applies over the run's")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.is_splits=5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,26 +271,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ckpt", help="AR checkpoint (folder or file) or run directory")
     s.add_argument("--classes", default="0,1", help="comma-separated class indices, one grid row each")
     s.add_argument("--per-class", type=_positive("--per-class"), default=4, help="samples per class")
-    # Unset sampling options take the values of the checkpoint's `sample` section.
-    s.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
-                   help="class guidance scale (default: the run's sample.guidance)")
-    s.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
-                   default=None, help="how guidance grows over the tokens (default: the run's)")
-    s.add_argument("--temperature", type=float, default=None, help="diffusion-head temperature (default: the run's)")
-    s.add_argument("--head-steps", type=_positive("--head-steps"), default=None,
-                   help="diffusion-head sampling steps per token (default: the run's)")
-    s.add_argument("--sampler", choices=["sde", "ode"], default=None, help="diffusion-head sampler (default: the run's)")
-    s.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
-                   help="tokenizer decoder guidance scale (default: the run's)")
-    s.add_argument("--decoder-steps", default=None,
-                   help="tokenizer decoder steps, e.g. 250, ddim25 or euler4 (default: the run's)")
-    s.add_argument("--tokenizer", default=None,
-                   help="decode with this tokenizer instead of the one the AR model was trained on (pinned by sha256)")
+    _add_sampling_args(s)
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="samples drawn at once")
     s.add_argument("--out", default="samples.png", help="PNG grid; the images and labels also go to OUT.npz")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
     s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="rFID / PSNR / SSIM of a tokenizer, gFID / IS of an AR model (torch-fidelity; "
+                                    "seeded, resumable, split across ranks under torchrun)", formatter_class=fmt)
+    kinds = e.add_subparsers(dest="eval_kind", required=True)
+    er = kinds.add_parser("recon", help="rFID, PSNR and SSIM of reconstructions of the run's held-out images",
+                          formatter_class=fmt)
+    _add_eval_args(er)
+    er.add_argument("--tokens", default=None, help="token counts to score, e.g. 1,2,4,all (eval.tokens; default all)")
+    er.add_argument("--num-images", type=int, default=None, help="held-out images to use (eval.num_images; 0: all)")
+    er.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                    help="decoder guidance (default: the config's model.diffusion.guidance)")
+    er.add_argument("--steps", default=None, help="decoder steps (default: the config's model.diffusion.sample_steps)")
+    er.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
+    er.set_defaults(fn=cmd_eval_recon)
+    eg = kinds.add_parser("gen", help="gFID and IS of class-balanced samples from an AR checkpoint",
+                          formatter_class=fmt)
+    _add_eval_args(eg)
+    eg.add_argument("--per-class", type=_positive("--per-class"), default=None, help="samples per class (eval.per_class; default 50)")
+    eg.add_argument("--reference-images", type=int, default=None,
+                    help="without --reference: training images for the statistics (0: as many as samples)")
+    _add_sampling_args(eg)
+    eg.set_defaults(fn=cmd_eval_gen)
     return p
 
 
@@ -248,7 +309,7 @@ def _exit_code(error: BaseException) -> int:
 
 
 def main(argv=None) -> int:
-    from .engine.distributed import launched_world
+    from .common.distributed import ranks_from_env
     from .engine.trainer import EXIT_RESUMABLE, StopRequested
 
     parser = build_parser()
@@ -258,7 +319,8 @@ def main(argv=None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    rank, world, _ = launched_world()
+    ranks = ranks_from_env()
+    rank, world = ranks.rank, ranks.world_size
     # Ranks other than 0 report only problems, each line naming its rank.
     level = logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING)
     where = f" rank {rank}" if world > 1 else ""
