@@ -212,7 +212,8 @@ def test_eval_recon_end_to_end(micro_runs, inception_file, tmp_path):
     assert json.loads((out / "summary.json").read_text())["per_tokens"] == summary["per_tokens"]
     # Other settings in the same directory are refused, naming what differs (the YAML's tokens: 1, 2).
     refused = cli(*args, check=False)
-    assert refused.returncode == 2 and "tokens" in refused.stderr and "[1, 2]" in refused.stderr
+    # A store made with other settings: a runtime error (exit 1), naming the field.
+    assert refused.returncode == 1 and "tokens" in refused.stderr and "[1, 2]" in refused.stderr
 
 
 GEN_ARGS = ["--per-class", "2", "--shard-size", "4", "--reference-images", "12", "eval.fid_features=64",
@@ -246,7 +247,7 @@ def test_eval_gen_end_to_end(gen_whole):
 def test_missing_inception_file_fails_before_sampling(micro_runs, tmp_path):
     r = cli("eval", "gen", str(micro_runs[1]), "--inception-path", str(tmp_path / "none.pth"), "--out",
             str(tmp_path / "g"), check=False)
-    assert r.returncode == 2 and "weights-inception-2015-12-05-6726825d.pth" in r.stderr
+    assert r.returncode == 1 and "weights-inception-2015-12-05-6726825d.pth" in r.stderr  # a missing file: exit 1
     assert not (tmp_path / "g").exists()
 
 
