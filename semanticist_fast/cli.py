@@ -1,4 +1,4 @@
-"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, convert, sample."""
+"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, convert, sample, export."""
 import argparse
 import json
 import logging
@@ -106,33 +106,89 @@ def _parse_classes(spec: str, num_classes: int) -> list[int]:
     return classes
 
 
+SAMPLING_OPTIONS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampler", "decoder_guidance",
+                    "decoder_steps")
+
+
+def _sampling_overrides(args) -> dict:
+    return {name: getattr(args, name) for name in SAMPLING_OPTIONS}
+
+
 def cmd_sample(args) -> int:
     import torch
 
     from .eval.grid import save_grid, save_samples
-    from .inference import Tokenizer, load_generator, sample_images
-    from .inference.generation import with_overrides
 
-    loaded = load_generator(args.ckpt, args.device)
-    device = next(loaded.gpt.parameters()).device
-    classes = _parse_classes(args.classes, loaded.gpt.num_classes)
-    tokenizer_path = args.tokenizer or loaded.tokenizer_path
-    if not tokenizer_path:
-        raise ValueError(f"{args.ckpt} names no tokenizer (a converted checkpoint): pass --tokenizer PATH")
-    tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
-    # Every option left unset falls back to the run's `sample` section.
-    s = with_overrides(loaded.sample, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
-                       temperature=args.temperature, head_steps=args.head_steps, sampler=args.sampler,
-                       decoder_guidance=args.decoder_guidance, decoder_steps=args.decoder_steps)
+    if (args.ckpt is None) == (args.compiled is None):
+        raise ValueError("sample: give an AR checkpoint (CKPT) or an exported directory (--compiled DIR), not both")
+    batch_size = args.batch_size
+    if args.compiled:
+        from .export import CompiledSampler
+
+        if args.tokenizer or args.device:
+            raise ValueError("sample --compiled: the export fixed the tokenizer and the device; drop --tokenizer "
+                             "and --device (or re-export)")
+        sampler = CompiledSampler.load(args.compiled)
+        device, num_classes = sampler.device, sampler.manifest["ar"]["num_classes"]
+        settings = sampler.resolved(**_sampling_overrides(args))  # bad settings fail before any sampling
+        batch_size = min(batch_size, sampler.manifest["batch"]["max"])
+
+        def draw(labels, generator):
+            return sampler.sample_images(labels, generator, **settings)
+    else:
+        from .inference import Tokenizer, load_generator, sample_images
+        from .inference.generation import with_overrides
+
+        loaded = load_generator(args.ckpt, args.device)
+        device, num_classes = next(loaded.gpt.parameters()).device, loaded.gpt.num_classes
+        tokenizer_path = args.tokenizer or loaded.tokenizer_path
+        if not tokenizer_path:
+            raise ValueError(f"{args.ckpt} names no tokenizer (a converted checkpoint): pass --tokenizer PATH")
+        tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
+        # Every option left unset falls back to the run's `sample` section.
+        s = with_overrides(loaded.sample, **_sampling_overrides(args))
+
+        def draw(labels, generator):
+            return sample_images(loaded.gpt, tokenizer, labels, s, generator)
+    classes = _parse_classes(args.classes, num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = torch.cat([sample_images(loaded.gpt, tokenizer, labels[start:start + args.batch_size], s, generator).cpu()
-                        for start in range(0, labels.shape[0], args.batch_size)])
+    images = torch.cat([draw(labels[start:start + batch_size], generator).cpu()
+                        for start in range(0, labels.shape[0], batch_size)])
     out = Path(args.out)
     save_grid(list(images.view(len(classes), args.per_class, *images.shape[1:])), out)
     save_samples(images, labels, out.with_suffix(".npz"))
     log.info("wrote %s (one row per class %s) and %s", out, classes, out.with_suffix(".npz"))
     return 0
+
+
+def cmd_export(args) -> int:
+    from .export.build import export_sampler
+
+    path = export_sampler(args.ckpt, args.out, tokenizer=args.tokenizer, max_batch=args.batch,
+                          static_batch=args.static_batch, device=args.device, compile=not args.no_compile,
+                          **_sampling_overrides(args))
+    log.info("wrote %s and its packages; sample with: semanticist-fast sample --compiled %s", path, args.out)
+    return 0
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The sampling settings of `sample` and `export`; unset ones take the checkpoint's `sample` section."""
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None, help="class guidance scale")
+    p.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
+                   default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--head-steps", type=int, default=None, help="diffusion-head network calls per token")
+    p.add_argument("--sampler", choices=["sde", "ode", "heun", "adams", "dpm"], default=None,
+                   help="diffusion-head sampler: sde / ode (Euler; DDIM for a ddpm head), heun or adams "
+                        "(second order, flow heads), dpm (DPM-Solver++(2M), ddpm heads)")
+    p.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
+                   help="tokenizer decoder guidance scale")
+    p.add_argument("--decoder-steps", default=None,
+                   help="tokenizer decoder steps, e.g. 250, ddim25 or dpm20 (ddpm), euler4, adams4 or heun4 (flow)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer checkpoint (default: the one the AR model was trained on)")
+    p.add_argument("--device", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,26 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="config overrides for the converted model, e.g. model.codec.path=...")
     c.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint")
-    s.add_argument("ckpt")
+    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint or an exported directory")
+    s.add_argument("ckpt", nargs="?", default=None, help="AR checkpoint file or run directory")
+    s.add_argument("--compiled", default=None, metavar="DIR",
+                   help="sample with the AOTInductor packages of `semanticist-fast export` instead of a checkpoint")
     s.add_argument("--classes", default="0,1")
     s.add_argument("--per-class", type=int, default=4)
-    # Unset sampling options take the values of the checkpoint's `sample` section.
-    s.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None, help="class guidance scale")
-    s.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
-                   default=None)
-    s.add_argument("--temperature", type=float, default=None)
-    s.add_argument("--head-steps", type=int, default=None, help="diffusion-head sampling steps per token")
-    s.add_argument("--sampler", choices=["sde", "ode"], default=None)
-    s.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
-                   help="tokenizer decoder guidance scale")
-    s.add_argument("--decoder-steps", default=None, help="tokenizer decoder steps, e.g. 250, ddim25 or euler4")
-    s.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (default: the one the AR model was trained on)")
+    _add_sampling_options(s)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=64, help="images per batch (--compiled: at most the export's)")
     s.add_argument("--out", default="samples.png")
-    s.add_argument("--device", default=None)
     s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("export", help="AOTInductor packages of the sampler's steps, for `sample --compiled`")
+    e.add_argument("ckpt", help="AR checkpoint file or run directory")
+    e.add_argument("--out", required=True, help="directory for the packages and manifest.json")
+    e.add_argument("--batch", type=int, default=8, help="the largest batch the packages take (default 8)")
+    e.add_argument("--static-batch", action="store_true",
+                   help="compile for exactly --batch images, not a dynamic batch of 1..--batch")
+    e.add_argument("--no-compile", action="store_true",
+                   help="write the traced programs uncompiled (torch.export.save): no C++ compiler needed, eager speed")
+    _add_sampling_options(e)
+    e.set_defaults(fn=cmd_export)
     return p
 
 

@@ -1,7 +1,9 @@
 """Crash-safe file writes: a temporary file in the same directory, fsync, then rename.
 
 Readers see the old file or the new one, never a torn write: checkpoints, cache shards, manifests, PNGs.
+Also the content hash that manifests record of the files they were built from.
 """
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -44,3 +46,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (checkpoints may be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

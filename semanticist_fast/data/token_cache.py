@@ -5,7 +5,6 @@ are stored as memory-mapped fp16 shards with the labels (data/shards.py). The ma
 built from; a run whose tokenizer, N, views or data differ is refused with the differing fields named, and an
 interrupted build resumes at the first missing shard.
 """
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from ..common.device import autocast_for
+from ..common.files import file_sha256
 from ..common.seeds import seeded_generator
 from .shards import ShardWriter, open_shards
 
@@ -45,14 +45,6 @@ def image_views(image: torch.Tensor, views: str, size: int) -> torch.Tensor:
         return torch.stack(ten_crop_views(pil, size))
     center = center_crop_arr(pil, size)
     return torch.stack([center, center.flip(-1)]) if views == "center_flip" else center[None]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def expected_manifest(tokenizer_file: Path, num_tokens: int, views: str, data_desc: dict, num_items: int,
