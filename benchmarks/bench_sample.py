@@ -105,10 +105,14 @@ def main(argv=None) -> dict:
     p.add_argument("--head-steps", type=int, default=50)
     p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); 1 is steadier on a machine shared with other work")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.compiled:
         return compare_compiled(args)
     device = torch.device(args.device)
