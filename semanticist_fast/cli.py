@@ -1,4 +1,4 @@
-"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, sample, convert, eval.
+"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, sample, convert, eval, export.
 
 Exit codes: 0 done; 1 a runtime error (a file that cannot be used, a non-finite run, a rank that died, a full
 disk); 2 a usage error (a bad option, config key or value); 75 stopped by a signal after writing a checkpoint
@@ -87,32 +87,67 @@ def cmd_sample(args) -> int:
     import torch
 
     from .eval.grid import save_grid, save_samples
-    from .inference import Tokenizer, load_generator, sample_images
-    from .inference.generation import with_overrides
 
-    loaded = load_generator(args.ckpt, args.device)
-    device = next(loaded.gpt.parameters()).device
-    classes = _parse_classes(args.classes, loaded.gpt.num_classes)
-    tokenizer_path = args.tokenizer or loaded.tokenizer_file()
-    tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
-    s = with_overrides(loaded.sample, **_sampling_overrides(args))
+    if (args.ckpt is None) == (args.compiled is None):
+        raise UsageError("sample: give an AR checkpoint (CKPT) or an exported directory (--compiled DIR), not both")
+    batch_size = args.batch_size
+    if args.compiled:
+        from .export import CompiledSampler
+
+        if args.tokenizer or args.device:
+            raise UsageError("sample --compiled: the export fixed the tokenizer and the device; drop --tokenizer "
+                             "and --device (or re-export)")
+        sampler = CompiledSampler.load(args.compiled)
+        device, num_classes = sampler.device, sampler.manifest["ar"]["num_classes"]
+        settings = sampler.resolved(**_sampling_overrides(args))  # bad settings fail before any sampling
+        batch_size = min(batch_size, sampler.manifest["batch"]["max"])
+
+        def draw(labels, generator):
+            return sampler.sample_images(labels, generator, **settings)
+    else:
+        from .inference import Tokenizer, load_generator, sample_images
+        from .inference.generation import with_overrides
+
+        loaded = load_generator(args.ckpt, args.device)
+        device, num_classes = next(loaded.gpt.parameters()).device, loaded.gpt.num_classes
+        tokenizer_path = args.tokenizer or loaded.tokenizer_file()  # the pinned tokenizer unless one is given
+        tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
+        # Every option left unset falls back to the run's `sample` section.
+        s = with_overrides(loaded.sample, **_sampling_overrides(args))
+
+        def draw(labels, generator):
+            return sample_images(loaded.gpt, tokenizer, labels, s, generator)
+    classes = _parse_classes(args.classes, num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = torch.cat([sample_images(loaded.gpt, tokenizer, labels[start:start + args.batch_size], s, generator).cpu()
-                        for start in range(0, labels.shape[0], args.batch_size)])
+    images = torch.cat([draw(labels[start:start + batch_size], generator).cpu()
+                        for start in range(0, labels.shape[0], batch_size)])
     out = Path(args.out)
     save_grid(list(images.view(len(classes), args.per_class, *images.shape[1:])), out)
     save_samples(images, labels, out.with_suffix(".npz"))
-    log.info("wrote %s (one row per class %s) and %s, decoded by %s", out, classes, out.with_suffix(".npz"),
-             tokenizer_path)
+    log.info("wrote %s (one row per class %s) and %s", out, classes, out.with_suffix(".npz"))
     return 0
+
+
+SAMPLING_OPTIONS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampler", "decoder_guidance",
+                    "decoder_steps")
 
 
 def _sampling_overrides(args) -> dict:
     """The sampling options given; each one left unset (None) falls back to the run's `sample` section."""
-    return dict(guidance=args.guidance, guidance_schedule=args.guidance_schedule, temperature=args.temperature,
-                head_steps=args.head_steps, sampler=args.sampler, decoder_guidance=args.decoder_guidance,
-                decoder_steps=args.decoder_steps)
+    return {name: getattr(args, name) for name in SAMPLING_OPTIONS}
+
+
+def cmd_export(args) -> int:
+    from .export.build import export_sampler
+
+    path = export_sampler(args.ckpt, args.out, tokenizer=args.tokenizer, max_batch=args.batch,
+                          static_batch=args.static_batch, device=args.device, compile=not args.no_compile,
+                          **_sampling_overrides(args))
+    log.info("wrote %s and its packages; sample with: semanticist-fast sample --compiled %s", path, args.out)
+    return 0
+
+
 
 
 def _eval_config(args):
@@ -191,11 +226,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="diffusion-head temperature (default: the run's)")
     p.add_argument("--head-steps", type=_positive("--head-steps"), default=None,
                    help="diffusion-head sampling steps per token (default: the run's)")
-    p.add_argument("--sampler", choices=["sde", "ode"], default=None, help="diffusion-head sampler (default: the run's)")
+    p.add_argument("--sampler", choices=["sde", "ode", "heun", "adams", "dpm"], default=None,
+                   help="diffusion-head sampler: sde / ode (Euler; DDIM for a ddpm head), heun or adams (second order, "
+                        "flow heads), dpm (DPM-Solver++(2M), ddpm heads) (default: the run's)")
     p.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
                    help="tokenizer decoder guidance scale (default: the run's)")
     p.add_argument("--decoder-steps", default=None,
-                   help="tokenizer decoder steps, e.g. 250, ddim25 or euler4 (default: the run's)")
+                   help="tokenizer decoder steps, e.g. 250, ddim25 or dpm20 (ddpm), euler4, adams4 or heun4 (flow) "
+                        "(default: the run's)")
     p.add_argument("--tokenizer", default=None,
                    help="decode with this tokenizer instead of the one the AR model was trained on (pinned by sha256)")
 
@@ -267,20 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="config overrides for the converted model, e.g. model.codec.path=...")
     c.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint", formatter_class=fmt)
-    s.add_argument("ckpt", help="AR checkpoint (folder or file) or run directory")
+    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint or an exported directory",
+                       formatter_class=fmt)
+    s.add_argument("ckpt", nargs="?", default=None, help="AR checkpoint (folder or file) or run directory")
+    s.add_argument("--compiled", default=None, metavar="DIR",
+                   help="sample with the AOTInductor packages of `semanticist-fast export` instead of a checkpoint")
     s.add_argument("--classes", default="0,1", help="comma-separated class indices, one grid row each")
     s.add_argument("--per-class", type=_positive("--per-class"), default=4, help="samples per class")
     _add_sampling_args(s)
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
-    s.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="samples drawn at once")
+    s.add_argument("--batch-size", type=_positive("--batch-size"), default=64,
+                   help="samples drawn at once (--compiled: at most the export's)")
     s.add_argument("--out", default="samples.png", help="PNG grid; the images and labels also go to OUT.npz")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="rFID / PSNR / SSIM of a tokenizer, gFID / IS of an AR model (torch-fidelity; "
                                     "seeded, resumable, split across ranks under torchrun)", formatter_class=fmt)
-    kinds = e.add_subparsers(dest="eval_kind", required=True)
+    kinds = e.add_subparsers(dest="eval_kind", required=True, help="recon (a tokenizer) or gen (an AR model)")
     er = kinds.add_parser("recon", help="rFID, PSNR and SSIM of reconstructions of the run's held-out images",
                           formatter_class=fmt)
     _add_eval_args(er)
@@ -299,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="without --reference: training images for the statistics (0: as many as samples)")
     _add_sampling_args(eg)
     eg.set_defaults(fn=cmd_eval_gen)
+
+    x = sub.add_parser("export", help="AOTInductor packages of the sampler's steps, for `sample --compiled`",
+                       formatter_class=fmt)
+    x.add_argument("ckpt", help="AR checkpoint (folder or file) or run directory")
+    x.add_argument("--out", required=True, help="directory for the packages and manifest.json")
+    x.add_argument("--batch", type=_positive("--batch"), default=8, help="the largest batch the packages take")
+    x.add_argument("--static-batch", action="store_true",
+                   help="compile for exactly --batch images, not a dynamic batch of 1..--batch")
+    x.add_argument("--no-compile", action="store_true",
+                   help="write the traced programs uncompiled (torch.export.save): no C++ compiler needed, eager speed")
+    _add_sampling_args(x)
+    x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    x.set_defaults(fn=cmd_export)
     return p
 
 
