@@ -87,9 +87,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["semanticist_fast", "semanticist_fast.*"]),
     install_requires=["torch", "numpy", "pyyaml", "tqdm", "tensorboard", "safetensors", "pillow"],
-    # train.engine=deepspeed; scripts/install.sh installs it (pinned in constraints.txt).
-    # dali: data.loader=dali (NVIDIA DALI; its CPU pipeline runs anywhere); scripts/install.sh --dev installs it.
-    extras_require={"deepspeed": ["deepspeed"], "dali": ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13"]},
+    # train.engine=deepspeed (scripts/install.sh installs it); `semanticist-fast eval` (rFID / gFID / IS):
+    # torch-fidelity needs torchvision: take the one built for your torch (constraints.txt pins it for the CPU torch
+    # 2.13.0), or pip may replace your torch with a newer one.
+    # dali: data.loader=dali (NVIDIA DALI; its CPU pipeline runs anywhere).
+    extras_require={"deepspeed": ["deepspeed"], "eval": ["torch-fidelity==0.4.0", "torchvision"],
+                    "dali": ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13"]},
     entry_points={"console_scripts": ["semanticist-fast = semanticist_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -7,13 +7,10 @@ On a GPU it times the Triton kernels, the C++/CUDA ops and the split slot-encode
 smoke run with small shapes (C++ ops and the attention split only: interpreted Triton timings mean nothing).
 GB/s counts the ideal traffic: forward reads every input and writes every output once; forward+backward adds
 reading the output gradients and the inputs again and writing the input gradients.
-Writes benchmarks/results/kernels_<device>_<date>.json with the device, date and git commit.
+Appends its figures to the results store (benchmarks/results/history.jsonl) with the device, date and git commit.
 """
 import argparse
-import datetime
-import json
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from benchmarks.common import describe_device, write_result  # noqa: E402
 from semanticist_fast.kernels import dispatch, extension, reference  # noqa: E402
 
 
@@ -169,14 +167,6 @@ def build_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     return _triton_cases(device, dtype) + _extension_cases(device, dtype) + _attention_cases(device, dtype)
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -185,7 +175,7 @@ def main() -> None:
     parser.add_argument("--compiled-reference", action="store_true", help="also time torch.compile(reference)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads (default 1: stable smoke timings on a shared machine)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not record the result")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,23 +197,17 @@ def main() -> None:
         print(f"{r['kernel']:36s} {r['mode']:8s} {r['impl']:20s} {r['ms']:10.4f} {r['speedup_vs_reference']:7.2f} "
               f"{r['gb_per_s']:9.1f}")
 
-    device_name = torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)"
-    now = datetime.datetime.now(datetime.timezone.utc)
-    report = {
-        "device": device_name,
-        "date": now.isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "torch": torch.__version__,
+    record = {
+        "device": describe_device(device),
+        "device_kind": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "iters": iters,
+        "compiled_reference": args.compiled_reference,
         "extension": extension.STATUS,
         "results": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    path = args.out / f"kernels_{slug}_{now.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    if not args.no_write:
+        print("wrote", write_result("bench_kernels", record))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ The frozen parts of the tokenizer step are not run: random latents (B, 16, 16, 1
 a random (B, 256, 768) target for the DINOv2 teacher (REPA on unless --no-repa). TFLOP/s and MFU count the trained
 parts only (3 x forward, benchmarks/flops.py); MFU divides by the dense bf16 peak of the GPU (H100 SXM / H200: 989
 TFLOP/s) or --peak-tflops. Peak memory: torch.cuda.max_memory_allocated on GPU, the process's peak RSS on CPU.
-Writes benchmarks/results/bench_train-<device>-<date>.json unless --no-write.
+Appends a record to the results store (benchmarks/results/history.jsonl) unless --no-write.
 """
 import argparse
 import gc

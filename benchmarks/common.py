@@ -1,12 +1,14 @@
-"""Shared bits of the benchmarks: timing, device description, result files."""
+"""Shared bits of the benchmarks: timing, device description, and the one way to record a result."""
 import datetime
-import json
+import os
 import platform
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import store
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,21 +39,26 @@ def describe_device(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """HEAD's short hash, "+dirty" when tracked files differ from it (the figures then belong to no commit)."""
+    """HEAD's short hash, "+dirty" when tracked files differ from it (the figures then belong to no commit); the
+    results themselves (benchmarks/results/, where each run appends) do not count."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
     try:
         head = git("rev-parse", "--short", "HEAD")
-        return head + "+dirty" if git("status", "--porcelain", "--untracked-files=no") else head
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)benchmarks/results")
+        return head + "+dirty" if changed else head
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def write_result(name: str, record: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Appends the record to the results store (benchmarks/store.py) with the benchmark's name, the UTC date, the
+    git commit and the torch version; returns the store's path. If BENCH_RESULTS_COPY is set (gpu_suite.sh sets
+    it to $OUT), the record is appended to that file too, so that a lent machine's results come back."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record = {"benchmark": name, "date": stamp, "commit": git_commit(), "torch": torch.__version__, **record}
-    path = RESULTS / f"{name}-{record['device_kind']}-{stamp}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = store.append(record)
+    if os.environ.get("BENCH_RESULTS_COPY"):
+        store.append(record, Path(os.environ["BENCH_RESULTS_COPY"]))
     return path

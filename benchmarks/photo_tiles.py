@@ -8,7 +8,7 @@
 2. Trains configs/tokenizer_tiny.yaml on the training tiles (data.dataset=folder; random crops + flips to 32 px),
    for about as many optimizer steps as the built-in demo takes.
 3. Reconstructs the held-out tiles (ADM centre crops) from 1, 2, 4 and all tokens: MSE / PSNR / SSIM against the
-   flat mean-colour baseline; writes a grid PNG and benchmarks/results/photo_tiles-cpu-<date>.json.
+   flat mean-colour baseline; writes a grid PNG and a record in the results store.
 """
 import argparse
 import importlib.util

@@ -5,7 +5,7 @@ probes of choices it keeps (nested dropout, the slot count).
     python benchmarks/tokenizer_ablation.py --out runs/ablation            # about 8 minutes per variant on 2 cores
     python benchmarks/tokenizer_ablation.py --only shipped,no_linear_slot_path
 
-Writes benchmarks/results/tokenizer_ablation-cpu-<date>.json.
+Appends a record to the results store (benchmarks/results/history.jsonl).
 """
 import argparse
 import logging

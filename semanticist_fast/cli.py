@@ -1,4 +1,4 @@
-"""`semanticist-fast` (also `python -m semanticist_fast`): train, cache, reconstruct, sample, convert.
+"""`semanticist-fast` (also `python -m semanticist_fast`): train, cache, reconstruct, sample, convert, eval, export.
 
 Exit codes: 0 done; 1 a runtime error (a file that cannot be used, a non-finite run, a rank that died, a full
 disk); 2 a usage error (a bad option, config key or value); 75 stopped by a signal after writing a checkpoint
@@ -27,23 +27,6 @@ def _positive(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
         return value
     return parse
-
-
-def _parse_tokens(spec: str, num_slots: int) -> list[int]:
-    counts = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part == "all":
-            counts.append(num_slots)
-            continue
-        try:
-            k = int(part)
-        except ValueError:
-            raise UsageError(f"--tokens: {part!r} is not a number or 'all' (example: --tokens 1,4,16,all)") from None
-        if not 1 <= k <= num_slots:
-            raise UsageError(f"--tokens: {k} is outside 1..{num_slots} (this tokenizer has {num_slots} slots)")
-        counts.append(k)
-    return counts
 
 
 def cmd_train(args) -> int:
@@ -79,11 +62,11 @@ def cmd_cache(args) -> int:
 def cmd_reconstruct(args) -> int:
     from .data.build import load_images
     from .eval.grid import save_grid, token_counts
-    from .eval.reconstruction import format_report, held_out_images, reconstruction_report
+    from .eval.reconstruction import format_report, held_out_images, parse_token_counts, reconstruction_report
     from .inference import Tokenizer
 
     tok = Tokenizer.from_checkpoint(args.ckpt, device=args.device, codec_path=args.codec_path)
-    counts = _parse_tokens(args.tokens, tok.num_slots) if args.tokens else token_counts(tok.num_slots)
+    counts = parse_token_counts(args.tokens, tok.num_slots) if args.tokens else token_counts(tok.num_slots)
     if args.images:
         images = load_images(args.images, tok.image_size)
     else:
@@ -123,27 +106,96 @@ def cmd_sample(args) -> int:
     import torch
 
     from .eval.grid import save_grid, save_samples
-    from .inference import Tokenizer, load_generator, sample_images
-    from .inference.generation import with_overrides
 
-    loaded = load_generator(args.ckpt, args.device)
-    device = next(loaded.gpt.parameters()).device
-    classes = _parse_classes(args.classes, loaded.gpt.num_classes)
-    tokenizer_path = args.tokenizer or loaded.tokenizer_file()
-    tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
-    # Every option left unset falls back to the run's `sample` section.
-    s = with_overrides(loaded.sample, guidance=args.guidance, guidance_schedule=args.guidance_schedule,
-                       temperature=args.temperature, head_steps=args.head_steps, sampler=args.sampler,
-                       decoder_guidance=args.decoder_guidance, decoder_steps=args.decoder_steps)
+    if (args.ckpt is None) == (args.compiled is None):
+        raise UsageError("sample: give an AR checkpoint (CKPT) or an exported directory (--compiled DIR), not both")
+    batch_size = args.batch_size
+    if args.compiled:
+        from .export import CompiledSampler
+
+        if args.tokenizer or args.device:
+            raise UsageError("sample --compiled: the export fixed the tokenizer and the device; drop --tokenizer "
+                             "and --device (or re-export)")
+        sampler = CompiledSampler.load(args.compiled)
+        device, num_classes = sampler.device, sampler.manifest["ar"]["num_classes"]
+        settings = sampler.resolved(**_sampling_overrides(args))  # bad settings fail before any sampling
+        batch_size = min(batch_size, sampler.manifest["batch"]["max"])
+
+        def draw(labels, generator):
+            return sampler.sample_images(labels, generator, **settings)
+    else:
+        from .inference import Tokenizer, load_generator, sample_images
+        from .inference.generation import with_overrides
+
+        loaded = load_generator(args.ckpt, args.device)
+        device, num_classes = next(loaded.gpt.parameters()).device, loaded.gpt.num_classes
+        tokenizer_path = args.tokenizer or loaded.tokenizer_file()  # the pinned tokenizer unless one is given
+        tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
+        # Every option left unset falls back to the run's `sample` section.
+        s = with_overrides(loaded.sample, **_sampling_overrides(args))
+
+        def draw(labels, generator):
+            return sample_images(loaded.gpt, tokenizer, labels, s, generator)
+    classes = _parse_classes(args.classes, num_classes)
     labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = torch.cat([sample_images(loaded.gpt, tokenizer, labels[start:start + args.batch_size], s, generator).cpu()
-                        for start in range(0, labels.shape[0], args.batch_size)])
+    images = torch.cat([draw(labels[start:start + batch_size], generator).cpu()
+                        for start in range(0, labels.shape[0], batch_size)])
     out = Path(args.out)
     save_grid(list(images.view(len(classes), args.per_class, *images.shape[1:])), out)
     save_samples(images, labels, out.with_suffix(".npz"))
-    log.info("wrote %s (one row per class %s) and %s, decoded by %s", out, classes, out.with_suffix(".npz"),
-             tokenizer_path)
+    log.info("wrote %s (one row per class %s) and %s", out, classes, out.with_suffix(".npz"))
+    return 0
+
+
+SAMPLING_OPTIONS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampler", "decoder_guidance",
+                    "decoder_steps")
+
+
+def _sampling_overrides(args) -> dict:
+    """The sampling options given; each one left unset (None) falls back to the run's `sample` section."""
+    return {name: getattr(args, name) for name in SAMPLING_OPTIONS}
+
+
+def cmd_export(args) -> int:
+    from .export.build import export_sampler
+
+    path = export_sampler(args.ckpt, args.out, tokenizer=args.tokenizer, max_batch=args.batch,
+                          static_batch=args.static_batch, device=args.device, compile=not args.no_compile,
+                          **_sampling_overrides(args))
+    log.info("wrote %s and its packages; sample with: semanticist-fast sample --compiled %s", path, args.out)
+    return 0
+
+
+
+
+def _eval_config(args):
+    from .common.runs import saved_config
+    from .eval.config import resolve_eval_config
+
+    flags = {name: getattr(args, name, None) for name in
+             ("inception_path", "reference", "reference_images", "num_images", "per_class", "tokens", "shard_size",
+              "seed")}
+    return resolve_eval_config(saved_config(args.ckpt), args.config, args.overrides, **flags)
+
+
+def cmd_eval_recon(args) -> int:
+    from .eval.recon_eval import evaluate_reconstruction, format_recon_summary
+
+    summary = evaluate_reconstruction(args.ckpt, _eval_config(args), args.out, args.guidance, args.steps,
+                                      args.device, args.codec_path, progress=not args.no_progress)
+    if summary is not None:  # rank 0
+        print(format_recon_summary(summary))
+    return 0
+
+
+def cmd_eval_gen(args) -> int:
+    from .eval.gen_eval import evaluate_generation, format_gen_summary
+
+    summary = evaluate_generation(args.ckpt, _eval_config(args), args.out, args.tokenizer, args.device,
+                                  progress=not args.no_progress, **_sampling_overrides(args))
+    if summary is not None:  # rank 0
+        print(format_gen_summary(summary))
     return 0
 
 
@@ -182,6 +234,45 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         print(version_text())
         parser.exit()
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    # Unset sampling options take the values of the checkpoint's `sample` section.
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                   help="class guidance scale (default: the run's sample.guidance)")
+    p.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
+                   default=None, help="how guidance grows over the tokens (default: the run's)")
+    p.add_argument("--temperature", type=float, default=None, help="diffusion-head temperature (default: the run's)")
+    p.add_argument("--head-steps", type=_positive("--head-steps"), default=None,
+                   help="diffusion-head sampling steps per token (default: the run's)")
+    p.add_argument("--sampler", choices=["sde", "ode", "heun", "adams", "dpm"], default=None,
+                   help="diffusion-head sampler: sde / ode (Euler; DDIM for a ddpm head), heun or adams (second order, "
+                        "flow heads), dpm (DPM-Solver++(2M), ddpm heads) (default: the run's)")
+    p.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
+                   help="tokenizer decoder guidance scale (default: the run's)")
+    p.add_argument("--decoder-steps", default=None,
+                   help="tokenizer decoder steps, e.g. 250, ddim25 or dpm20 (ddpm), euler4, adams4 or heun4 (flow) "
+                        "(default: the run's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="decode with this tokenizer instead of the one the AR model was trained on (pinned by sha256)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="checkpoint (folder or file) or run directory")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/eval/<checkpoint>/<recon|gen>); "
+                                               "a killed run continues in it")
+    p.add_argument("--inception-path", default=None,
+                   help="torch-fidelity's InceptionV3 weights, weights-inception-2015-12-05-6726825d.pth "
+                        "(eval.inception_path; never downloaded)")
+    p.add_argument("--reference", default=None,
+                   help="FID reference: an ADM-style .npz (mu/sigma, or images arr_0) (default: the run's own images)")
+    p.add_argument("--shard-size", type=_positive("--shard-size"), default=None,
+                   help="images per shard and batch (eval.shard_size)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (eval.seed)")
+    p.add_argument("--config", default=None, help="a YAML file whose `eval:` section applies over the run's")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.is_splits=5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,30 +336,55 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="config overrides for the converted model, e.g. model.codec.path=...")
     c.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint", formatter_class=fmt)
-    s.add_argument("ckpt", help="AR checkpoint (folder or file) or run directory")
+    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint or an exported directory",
+                       formatter_class=fmt)
+    s.add_argument("ckpt", nargs="?", default=None, help="AR checkpoint (folder or file) or run directory")
+    s.add_argument("--compiled", default=None, metavar="DIR",
+                   help="sample with the AOTInductor packages of `semanticist-fast export` instead of a checkpoint")
     s.add_argument("--classes", default="0,1", help="comma-separated class indices, one grid row each")
     s.add_argument("--per-class", type=_positive("--per-class"), default=4, help="samples per class")
-    # Unset sampling options take the values of the checkpoint's `sample` section.
-    s.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
-                   help="class guidance scale (default: the run's sample.guidance)")
-    s.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
-                   default=None, help="how guidance grows over the tokens (default: the run's)")
-    s.add_argument("--temperature", type=float, default=None, help="diffusion-head temperature (default: the run's)")
-    s.add_argument("--head-steps", type=_positive("--head-steps"), default=None,
-                   help="diffusion-head sampling steps per token (default: the run's)")
-    s.add_argument("--sampler", choices=["sde", "ode"], default=None, help="diffusion-head sampler (default: the run's)")
-    s.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
-                   help="tokenizer decoder guidance scale (default: the run's)")
-    s.add_argument("--decoder-steps", default=None,
-                   help="tokenizer decoder steps, e.g. 250, ddim25 or euler4 (default: the run's)")
-    s.add_argument("--tokenizer", default=None,
-                   help="decode with this tokenizer instead of the one the AR model was trained on (pinned by sha256)")
+    _add_sampling_args(s)
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
-    s.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="samples drawn at once")
+    s.add_argument("--batch-size", type=_positive("--batch-size"), default=64,
+                   help="samples drawn at once (--compiled: at most the export's)")
     s.add_argument("--out", default="samples.png", help="PNG grid; the images and labels also go to OUT.npz")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
     s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="rFID / PSNR / SSIM of a tokenizer, gFID / IS of an AR model (torch-fidelity; "
+                                    "seeded, resumable, split across ranks under torchrun)", formatter_class=fmt)
+    kinds = e.add_subparsers(dest="eval_kind", required=True, help="recon (a tokenizer) or gen (an AR model)")
+    er = kinds.add_parser("recon", help="rFID, PSNR and SSIM of reconstructions of the run's held-out images",
+                          formatter_class=fmt)
+    _add_eval_args(er)
+    er.add_argument("--tokens", default=None, help="token counts to score, e.g. 1,2,4,all (eval.tokens; default all)")
+    er.add_argument("--num-images", type=int, default=None, help="held-out images to use (eval.num_images; 0: all)")
+    er.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                    help="decoder guidance (default: the config's model.diffusion.guidance)")
+    er.add_argument("--steps", default=None, help="decoder steps (default: the config's model.diffusion.sample_steps)")
+    er.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
+    er.set_defaults(fn=cmd_eval_recon)
+    eg = kinds.add_parser("gen", help="gFID and IS of class-balanced samples from an AR checkpoint",
+                          formatter_class=fmt)
+    _add_eval_args(eg)
+    eg.add_argument("--per-class", type=_positive("--per-class"), default=None, help="samples per class (eval.per_class; default 50)")
+    eg.add_argument("--reference-images", type=int, default=None,
+                    help="without --reference: training images for the statistics (0: as many as samples)")
+    _add_sampling_args(eg)
+    eg.set_defaults(fn=cmd_eval_gen)
+
+    x = sub.add_parser("export", help="AOTInductor packages of the sampler's steps, for `sample --compiled`",
+                       formatter_class=fmt)
+    x.add_argument("ckpt", help="AR checkpoint (folder or file) or run directory")
+    x.add_argument("--out", required=True, help="directory for the packages and manifest.json")
+    x.add_argument("--batch", type=_positive("--batch"), default=8, help="the largest batch the packages take")
+    x.add_argument("--static-batch", action="store_true",
+                   help="compile for exactly --batch images, not a dynamic batch of 1..--batch")
+    x.add_argument("--no-compile", action="store_true",
+                   help="write the traced programs uncompiled (torch.export.save): no C++ compiler needed, eager speed")
+    _add_sampling_args(x)
+    x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    x.set_defaults(fn=cmd_export)
     return p
 
 
@@ -279,7 +395,7 @@ def _exit_code(error: BaseException) -> int:
 
 
 def main(argv=None) -> int:
-    from .engine.distributed import launched_world
+    from .common.distributed import ranks_from_env
     from .engine.trainer import EXIT_RESUMABLE, StopRequested
 
     parser = build_parser()
@@ -289,7 +405,8 @@ def main(argv=None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    rank, world, _ = launched_world()
+    ranks = ranks_from_env()
+    rank, world = ranks.rank, ranks.world_size
     # Ranks other than 0 report only problems, each line naming its rank.
     level = logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING)
     where = f" rank {rank}" if world > 1 else ""

@@ -8,6 +8,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+# diffusers (the VAE reference) imports torchvision, whose PyPI build cannot load its ops on a CPU torch.
+import semanticist_fast.eval.torchvision_compat  # noqa: E402,F401
+
 
 @pytest.fixture(autouse=True)
 def _run_from_repo_root(monkeypatch):

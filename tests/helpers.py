@@ -43,6 +43,17 @@ def micro_tokenizer_run(*extra: str) -> TokenizerRun:
     return load_config(TokenizerRun, "configs/tokenizer_tiny.yaml", MICRO_TOKENIZER + list(extra))
 
 
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere (adaLN-Zero would make every block the identity and every head output zero);
+    norms near 1 and the diffusion head's output layer small, so sampling chains stay tame."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.05 if name.startswith("diffloss.net.final_layer") else (0.2 if p.ndim > 1 else 0.1)
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model
+
+
 def photographs() -> list:
     """Real photographs as PIL RGB images: those scikit-image ships in its wheel (scripts/install.sh --dev installs
     it, without its dependencies: only the files are read), else photograph-like stand-ins drawn here (smooth

@@ -10,7 +10,7 @@ from semanticist_fast.common.noise import BatchNoise
 from semanticist_fast.models.gpt import GPT, GPTConfig, ffn_hidden
 from semanticist_fast.inference.generation import generate, guidance_at
 
-from helpers import layout_shapes
+from helpers import layout_shapes, randomized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,15 +24,6 @@ def tiny_config(**overrides) -> GPTConfig:
                num_tokens=7, head_sample_steps=8)
     cfg.update(overrides)
     return GPTConfig(**cfg)
-
-
-def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.05 if name.startswith("diffloss.net.final_layer") else (0.2 if p.ndim > 1 else 0.1)
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
-    return model
 
 
 def reference_conditions(model: GPT, labels, tokens):

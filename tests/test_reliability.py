@@ -357,15 +357,23 @@ def test_runtime_errors_exit_1_in_one_line(tmp_path):
 
 
 def test_every_option_has_help_with_its_default():
+    import argparse
+
     from semanticist_fast.cli import build_parser
-    parser = build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command").choices
-    for name, sub in commands.items():
-        for action in sub._actions:
-            if action.dest in ("help",) or action.help == "==SUPPRESS==":
+
+    def check(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    check(sub, f"{name} {sub_name}".strip())
+                continue
+            if action.dest == "help" or action.help == argparse.SUPPRESS:
                 continue
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
-        assert "(default:" in sub.format_help(), name
+        if name and not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+            assert "(default:" in parser.format_help(), name
+
+    check(build_parser(), "")
 
 
 def test_a_non_tty_log_of_128_steps_is_short(tmp_path):

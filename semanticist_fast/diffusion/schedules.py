@@ -30,10 +30,24 @@ def space_timesteps(num_timesteps: int, spacing: str) -> list[int]:
     """Which of the original timesteps a respaced chain keeps.
 
     "250" keeps 250 steps spread as evenly as possible (comma-separated counts split the chain into equal sections);
-    "ddimN" keeps every (num_timesteps // N)-th step starting at 0, as DDIM does; "" keeps all.
+    "ddimN" keeps every (num_timesteps // N)-th step starting at 0, as DDIM does; "dpmN" keeps N steps from 0 to
+    the noisiest (num_timesteps - 1), quadratic in time (DPM-Solver's "time_quadratic" grid: dense where the noise
+    is low, where evenly spaced steps make the second-order extrapolation overshoot); "" keeps all.
     """
     if spacing in ("", None):
         return list(range(num_timesteps))
+    if spacing.startswith("dpm"):
+        try:
+            desired = int(spacing[len("dpm"):])
+        except ValueError:
+            raise ValueError(f"timestep respacing {spacing!r}: expected 'dpm' and a step count, e.g. 'dpm20'") from None
+        if not 2 <= desired <= num_timesteps:
+            raise ValueError(f"DPM-Solver takes 2 to {num_timesteps} steps from a {num_timesteps}-step chain, "
+                             f"got {spacing!r}")
+        kept = [round((i / (desired - 1)) ** 2 * (num_timesteps - 1)) for i in range(desired)]
+        for i in range(1, desired):  # rounding merges the first steps of a long grid: keep them distinct
+            kept[i] = max(kept[i], kept[i - 1] + 1)
+        return kept
     if spacing.startswith("ddim"):
         desired = int(spacing[len("ddim"):])
         for stride in range(1, num_timesteps):

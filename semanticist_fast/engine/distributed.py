@@ -1,8 +1,7 @@
 """The processes of one training run: which rank this is, how many there are, and the few collectives the trainer
 needs (a barrier, one metrics reduction per logging interval, small objects at checkpoints).
 
-Ranks come from the launcher's environment: RANK / WORLD_SIZE / LOCAL_RANK (torchrun, the deepspeed launcher), or
-SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID under srun. Every collective has a deadline
+Ranks come from the launcher's environment (common/distributed.py). Every collective has a deadline
 (train.collective_timeout_s): a rank whose peers died or hang reports it and exits instead of waiting forever.
 """
 import datetime
@@ -14,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..common.device import resolve_device
+from ..common.distributed import ranks_from_env
 
 
 class CollectiveError(RuntimeError):
@@ -23,17 +23,6 @@ class CollectiveError(RuntimeError):
 # How gloo and NCCL word a peer that vanished or a collective past its deadline.
 _COMMUNICATION_MARKS = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out",
                         "Timed out", "Socket Timeout")
-
-
-def launched_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as the launcher set them; (0, 1, 0) for a plain `python` start."""
-    env = os.environ
-
-    def first(*names, default):
-        return int(next((env[n] for n in names if n in env), default))
-
-    return (first("RANK", "SLURM_PROCID", default=0), first("WORLD_SIZE", "SLURM_NTASKS", default=1),
-            first("LOCAL_RANK", "SLURM_LOCALID", default=0))
 
 
 def _free_port() -> int:
@@ -113,7 +102,8 @@ class World:
 def init_world(engine: str, device_name: str, timeout_s: float) -> World:
     """The world of this process. The single engine runs alone; the deepspeed engine starts the process group
     (NCCL on GPUs, gloo on CPUs), also for one rank, so that one code path serves every size."""
-    rank, size, local_rank = launched_world()
+    ranks = ranks_from_env()
+    rank, size, local_rank = ranks.rank, ranks.world_size, ranks.local_rank
     if engine == "single" and size > 1:
         raise ValueError(f"train.engine=single runs one process, but the launcher started {size}: set "
                          "train.engine=deepspeed to train data-parallel")

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..common.runs import saved_config
-from ..config import from_dict
+from ..config import ConfigError, from_dict
 from ..data.build import DataConfig, held_out_dataset
 from ..inference.tokenizer import Tokenizer
 from .metrics import flat_images, mse, psnr, ssim
@@ -16,15 +16,37 @@ def scores(reconstructions: torch.Tensor, images: torch.Tensor) -> dict[str, flo
             "ssim": ssim(reconstructions, images).mean().item()}
 
 
-def held_out_images(checkpoint, image_size: int, num_images: int) -> torch.Tensor:
-    """The held-out images of the run a checkpoint comes from (the ones its previews show): the built-in data's
-    val split, or the run's data.val_root."""
+def parse_token_counts(spec: str, num_slots: int) -> list[int]:
+    """"1,4,16,all" -> [1, 4, 16, num_slots]."""
+    counts = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part == "all":
+            counts.append(num_slots)
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            raise ConfigError(f"tokens: {part!r} is not a number or 'all' (example: --tokens 1,4,16,all)") from None
+        if not 1 <= k <= num_slots:
+            raise ConfigError(f"tokens: {k} is outside 1..{num_slots} (this tokenizer has {num_slots} slots)")
+        counts.append(k)
+    return counts
+
+
+def held_out_set(checkpoint, image_size: int):
+    """The held-out (image, label) dataset of the run a checkpoint comes from (the images its previews show): the
+    built-in data's val split, or the run's data.val_root in ADM centre crops."""
     config = saved_config(checkpoint)
     data = from_dict(DataConfig, config.get("data") or {}, prefix="data.")
     if "data" not in config or (data.dataset != "procedural" and not data.val_root):
         raise ValueError(f"{checkpoint} names no held-out images (neither the built-in data nor data.val_root): "
-                         "pass image files to reconstruct")
-    val = held_out_dataset(data, image_size, seed=config.get("train", {}).get("seed", 0))
+                         "pass image files to reconstruct, or train with data.val_root")
+    return held_out_dataset(data, image_size, seed=config.get("train", {}).get("seed", 0))
+
+
+def held_out_images(checkpoint, image_size: int, num_images: int) -> torch.Tensor:
+    val = held_out_set(checkpoint, image_size)
     return torch.stack([val[i][0] for i in range(min(num_images, len(val)))])
 
 

@@ -14,6 +14,7 @@ from ..common.device import resolve_device
 from ..common.files import sha256_file
 from ..common.runs import weights_file
 from ..config import from_dict, migrate_saved
+from ..diffusion.sampling import HeadSamplerName, guidance_at
 from ..models.gpt import GPT, GPTConfig
 from .checkpoints import load_model
 from .tokenizer import Tokenizer
@@ -25,33 +26,25 @@ class SampleConfig:
     guidance_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = 1.0
     head_steps: Optional[int] = None  # None: the model's head_sample_steps
-    sampler: Literal["sde", "ode"] = "sde"
+    sampler: Literal["sde", "ode", "heun", "adams", "dpm"] = "sde"  # heun, adams: flow heads; dpm: ddpm heads
     decoder_guidance: Optional[float] = None  # None: the tokenizer's
     decoder_steps: Optional[str] = None
     RENAMED: ClassVar[dict] = {"cfg": "guidance", "cfg_schedule": "guidance_schedule",
                                "decoder_cfg": "decoder_guidance"}
 
 
-def guidance_at(guidance: float, k: int, num_tokens: int, schedule: Literal["linear", "constant"] = "linear") -> float:
-    """Guidance scale for token k (0-based): "linear" is 1 + (g - 1)(k + 1) / num_tokens, reaching g at the end."""
-    if schedule == "linear":
-        return 1.0 + (guidance - 1.0) * (k + 1) / num_tokens
-    if schedule == "constant":
-        return guidance
-    raise ValueError(f"guidance schedule {schedule!r} is not supported; choose 'linear' or 'constant'")
-
-
 @torch.no_grad()
 def generate(gpt: GPT, labels: torch.Tensor, guidance: float = 1.0,
              guidance_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
              generator: Optional[torch.Generator] = None, head_steps: Optional[int] = None,
-             sampler: Literal["sde", "sde_naive", "ode"] = "sde", use_kv_cache: bool = True) -> torch.Tensor:
+             sampler: HeadSamplerName = "sde", use_kv_cache: bool = True) -> torch.Tensor:
     """Sample tokens (B, num_tokens, token_dim) float32 for class labels (B,).
 
     guidance != 1 doubles the batch with the null class; both halves share the head's noise. head_steps None
     uses the config's head_sample_steps. The model runs in eval mode here and is restored afterwards.
     """
     guidance_at(guidance, 0, gpt.num_tokens, guidance_schedule)  # fail fast on an unknown schedule name
+    gpt.diffloss.sampling.check(sampler)  # ... and on a sampler the head's objective lacks
     guided = guidance != 1.0
     batch, num_tokens = labels.shape[0], gpt.num_tokens
     device = labels.device

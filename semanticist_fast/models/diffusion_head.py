@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from ..common.noise import SampleNoise
 from ..diffusion import flow
 from ..diffusion.gaussian import GaussianDiffusion
+from ..diffusion.sampling import HeadSampler, HeadSamplerName, guided_denoiser
 from .layers import TimestepEmbedder
 
 CondMethod = Literal["concat", "adaln"]
 Objective = Literal["flow", "ddpm"]
-Sampler = Literal["sde", "sde_naive", "ode"]
 
 
 def _modulate(x, shift, scale):
@@ -120,7 +120,7 @@ class DiffusionHead(nn.Module):
         self.net = MLPAdaLN(token_dim, width, out_channels, cond_dim, depth, cond_method)
         if objective == "ddpm":
             self.train_diffusion = GaussianDiffusion.create(ddpm_timesteps, ddpm_schedule, "", learn_sigma=True)
-        self._chains: dict = {}
+        self.sampling = HeadSampler(objective, sample_steps, ddpm_schedule, ddpm_timesteps)
 
     def training_draws(self, rng: SampleNoise, batch: int, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample training times (batch, rows) and noise (batch, rows, token_dim) for the rows of each sample."""
@@ -141,13 +141,6 @@ class DiffusionHead(nn.Module):
             return flow.training_loss(model_fn, target, t, noise)
         return self.train_diffusion.training_losses(model_fn, target, t, noise)["loss"]
 
-    def _sampling_chain(self, steps: int, device) -> GaussianDiffusion:
-        key = (steps, str(device))
-        if key not in self._chains:
-            self._chains[key] = GaussianDiffusion.create(self.ddpm_timesteps, self.ddpm_schedule, str(steps),
-                                                         learn_sigma=True).to(device)
-        return self._chains[key]
-
     def _model_fn(self, cond: torch.Tensor, guidance: Optional[float], naive: bool):
         """(x, t) -> network output for the B sampled rows, guided when a guidance scale is given.
 
@@ -165,39 +158,20 @@ class DiffusionHead(nn.Module):
 
         if guidance is None:
             return call
-        c = self.token_dim
-
-        def guided(x, t):
-            # Both halves see the same x (shared noise); guidance on the mean channels, variance from the cond half.
-            out_cond, out_uncond = call(torch.cat([x, x]), t).float().chunk(2)
-            mean = out_uncond[:, :c] + guidance * (out_cond[:, :c] - out_uncond[:, :c])
-            return torch.cat([mean, out_cond[:, c:]], dim=1)
-
-        return guided
+        return guided_denoiser(call, guidance, self.token_dim)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, guidance: Optional[float] = None, temperature: float = 1.0,
                generator: Optional[torch.Generator] = None, steps: Optional[int] = None,
-               sampler: Sampler = "sde") -> torch.Tensor:
+               sampler: HeadSamplerName = "sde") -> torch.Tensor:
         """Sample one token per row -> (B, token_dim) float32.
 
         guidance None: cond is (B, cond_dim). guidance a float: cond is (2B, cond_dim), conditional rows then
         unconditional ones, and the output is guided as uncond + guidance * (cond - uncond) (classifier-free).
-        sampler: "sde" (flow: one call per step; ddpm: ancestral), "sde_naive" (the reference's two calls per step,
-        for benchmarks), "ode" (flow: Euler; ddpm: DDIM eta=0). Temperature scales the SDE / ancestral noise;
-        the deterministic "ode" sampler has no other randomness, so there it scales the initial noise.
+        sampler: see diffusion.sampling.HeadSampler ("sde", "sde_naive", "ode"; "heun", "adams" for flow heads;
+        "dpm" for ddpm heads).
         """
-        if sampler not in ("sde", "sde_naive", "ode"):
-            raise ValueError(f"head sampler {sampler!r} is not supported; choose 'sde', 'sde_naive' or 'ode'")
-        steps = steps or self.sample_steps
+        self.sampling.check(sampler)
         rows = cond.shape[0] if guidance is None else cond.shape[0] // 2
-        noise = torch.randn(rows, self.token_dim, device=cond.device, generator=generator)
         model_fn = self._model_fn(cond, guidance, naive=sampler == "sde_naive")
-        if self.objective == "flow":
-            if sampler == "ode":
-                return flow.sample_ode(model_fn, noise * temperature, steps)
-            return flow.sample_sde(model_fn, noise, steps, temperature, generator, naive=sampler == "sde_naive")
-        chain = self._sampling_chain(steps, cond.device)
-        if sampler == "ode":
-            return chain.ddim_sample_loop(model_fn, noise * temperature, eta=0.0)
-        return chain.p_sample_loop(model_fn, noise, generator=generator, temperature=temperature)
+        return self.sampling.sample(model_fn, rows, self.token_dim, cond.device, temperature, generator, steps, sampler)

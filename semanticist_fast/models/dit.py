@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..diffusion.sampling import classifier_free_guidance
 from ..kernels import dispatch
 from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from .sizes import resolve_size
@@ -145,19 +146,17 @@ class SlotDiT(nn.Module):
         out = self.unpatchify(self.final_layer(h[:, :self.num_patches], c))
         return (out, repa) if return_repa else out
 
-    def forward_guided(self, x, t, slots, guidance: float):
+    def forward_guided(self, x, t, slots, guidance):
         """Classifier-free guided output for a batch x: the conditional and all-null branches run as one doubled
         batch. Guidance applies to the predicted epsilon (or velocity) channels only; learned-variance channels
-        come from the conditional branch.
+        come from the conditional branch. guidance: a float (1.0: no guidance, one branch) or a 0-d tensor (an
+        exported step, which always runs both branches).
         """
-        if guidance == 1.0:
+        if not torch.is_tensor(guidance) and guidance == 1.0:
             return self(x, t, slots)
         null = self.null_cond.expand(slots.shape[0], -1, -1).to(slots.dtype)
         out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([slots, null]))
-        cond, uncond = out.chunk(2)
-        C = self.in_channels
-        eps = uncond[:, :C] + guidance * (cond[:, :C] - uncond[:, :C])
-        return torch.cat([eps, cond[:, C:]], dim=1)
+        return classifier_free_guidance(out, guidance, self.in_channels)
 
 
 def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

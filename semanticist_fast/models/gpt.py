@@ -63,14 +63,15 @@ class RMSNorm(nn.Module):
         return dispatch.rms_norm(x, self.weight, self.eps)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys/values (max_batch, heads, max_seq, head_dim); not part of the state dict."""
+class KVCache:
+    """Keys/values (max_batch, heads, max_seq, head_dim), written in place at the decoded positions.
 
-    def __init__(self, max_batch: int, max_seq: int, heads: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (max_batch, heads, max_seq, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    Not module state (never in the state dict): setup_caches allocates them, and an exported decode step
+    (semanticist_fast/export) attaches caches it receives as inputs, so the caller owns them.
+    """
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        self.k_cache, self.v_cache = k_cache, v_cache
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H, S, Dh) at positions input_pos (S,); return this batch's full caches."""
@@ -173,12 +174,24 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # -- KV cache ---------------------------------------------------------------------------------------------------
+    def cache_shape(self, max_batch: int) -> tuple[int, int, int, int]:
+        """The shape of each layer's key (and value) cache: the whole sequence, class + num_tokens - 1 tokens."""
+        return max_batch, self.heads, self.num_tokens, self.dim // self.heads
+
     def setup_caches(self, max_batch: int, dtype: torch.dtype, device) -> None:
-        """Allocate static caches for up to max_batch rows and the whole sequence (class + num_tokens - 1 tokens)."""
-        max_seq = self.num_tokens
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, max_seq, self.heads, self.dim // self.heads, dtype, device)
-        self.causal_mask = torch.ones(max_seq, max_seq, dtype=torch.bool, device=device).tril()
+        """Allocate static caches for up to max_batch rows and the whole sequence."""
+        shape = self.cache_shape(max_batch)
+        self.attach_caches([(torch.zeros(shape, dtype=dtype, device=device),
+                             torch.zeros(shape, dtype=dtype, device=device)) for _ in self.layers])
+
+    def attach_caches(self, caches) -> None:
+        """Decode with the given (key, value) cache tensors, one pair per layer, each of cache_shape(rows)."""
+        if len(caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} (key, value) cache pairs, one per layer, got {len(caches)}")
+        for layer, (k, v) in zip(self.layers, caches):
+            layer.attention.kv_cache = KVCache(k, v)
+        self.causal_mask = torch.ones(self.num_tokens, self.num_tokens, dtype=torch.bool,
+                                      device=caches[0][0].device).tril()
 
     def reset_caches(self) -> None:
         for layer in self.layers:

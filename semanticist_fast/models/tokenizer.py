@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..common.noise import SampleNoise
-from ..diffusion.flow import RectifiedFlow, euler_steps
-from ..diffusion.gaussian import DDPMSampling
+from ..diffusion import sampling
+from ..diffusion.flow import flow_steps
 from ..kernels import dispatch
 from .dit import DecoderConfig, SlotDiT
 from .latent_codec import CodecConfig, codec_geometry
@@ -28,7 +28,9 @@ class DiffusionConfig:
     noise_schedule: str = "linear"  # ddpm
     flow_t_mean: float = 0.0  # flow: training times t = sigmoid(N(mean, std)); t = 0 is noise, negative = noisier
     flow_t_std: float = 1.0
-    sample_steps: str = "250"  # decoding: "250" ancestral, "ddim25" DDIM (ddpm); "euler4" Euler steps (flow)
+    # decoding, in network calls: "250" ancestral, "ddim25" DDIM, "dpm20" DPM-Solver++(2M) (ddpm); "euler4" Euler,
+    # "heun4" Heun, "adams4" Adams-Bashforth 2 (flow)
+    sample_steps: str = "250"
     guidance: float = 3.0  # decoder classifier-free guidance used by reconstruct/decode unless given
     RENAMED: ClassVar[dict] = {"cfg": "guidance"}
 
@@ -38,7 +40,7 @@ class DiffusionConfig:
             raise ValueError(f"model.diffusion.noise_schedule={self.noise_schedule!r}; choose 'linear' or 'cosine'")
         try:
             if self.objective == "flow":
-                euler_steps(self.sample_steps)
+                flow_steps(self.sample_steps)
             else:
                 space_timesteps(self.num_timesteps, self.sample_steps)
         except ValueError as e:
@@ -71,11 +73,10 @@ class TokenizerConfig:
 
 
 def decoder_process(cfg: TokenizerConfig):
-    """The decoder's diffusion process: `.training_losses(model_fn, latents)` and `.sampler("250" | "euler4")`."""
+    """The decoder's diffusion process: `.training_losses(model_fn, latents)` and `.sampler("250" | "euler4" ...)`."""
     d = cfg.diffusion
-    if d.objective == "flow":
-        return RectifiedFlow(d.flow_t_mean, d.flow_t_std)
-    return DDPMSampling(d.num_timesteps, d.noise_schedule, cfg.decoder.learn_sigma)
+    return sampling.decoder_process(d.objective, d.num_timesteps, d.noise_schedule, cfg.decoder.learn_sigma,
+                                    d.flow_t_mean, d.flow_t_std)
 
 
 class SemanticistTokenizer(nn.Module):

@@ -20,6 +20,7 @@ from ..config import ConfigError, to_dict
 from ..data.build import DataConfig, build_dataset
 from ..data.token_cache import CacheConfig, TokenCache, build_token_cache
 from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
+from ..eval.config import EvalConfig
 from ..eval.grid import save_grid
 from ..inference.generation import PINNED_TOKENIZER, SampleConfig, sample_images
 from ..inference.tokenizer import Tokenizer
@@ -42,6 +43,7 @@ class ARRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `semanticist-fast eval` defaults for this run
     preview_classes: int = 8
 
 

@@ -13,6 +13,7 @@ from ..data.build import DataConfig, build_dataset, dali_images, held_out_datase
 from ..data.latent_cache import FORMAT_VERSION as LATENT_FORMAT
 from ..data.latent_cache import DaliLatentViews, LatentCache, LatentViews
 from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
+from ..eval.config import EvalConfig
 from ..eval.grid import save_grid, token_counts
 from ..inference.tokenizer import Tokenizer
 from ..models.dit import repa_loss
@@ -31,6 +32,7 @@ class TokenizerRun:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `semanticist-fast eval` defaults for this run
     preview_images: int = 8
     preview_steps: Optional[str] = None  # decoder steps of the previews; None: model.diffusion.sample_steps
 

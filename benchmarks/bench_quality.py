@@ -1,0 +1,105 @@
+"""The tiny pipeline's quality at this commit, from trained run directories (it trains nothing):
+
+- the tokenizer: PSNR / SSIM of held-out reconstructions from the first k tokens, for k = 1, 2, 4, ... all, beside
+  the flat mean-colour baseline (the `reconstruct` report);
+- the AR model: class-balanced samples scored by hue (`data.procedural.classify`), the accuracy for each class;
+- with --inception-path also rFID / gFID / IS (`semanticist-fast eval recon` / `eval gen`). FIDs are recorded with
+  the weights file's SHA-256; only those of torch-fidelity's weights (SHA-256 beginning 6726825d) mean anything,
+  and report.py plots only those.
+
+    python benchmarks/bench_quality.py --tokenizer runs/tokenizer_tiny --ar runs/ar_tiny
+
+Appends a record to the results store (benchmarks/results/history.jsonl) unless --no-write.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import describe_device, write_result  # noqa: E402
+from semanticist_fast.common.files import sha256_file  # noqa: E402
+from semanticist_fast.common.runs import resolve_checkpoint  # noqa: E402
+from semanticist_fast.data.procedural import classify  # noqa: E402
+from semanticist_fast.eval.grid import token_counts  # noqa: E402
+from semanticist_fast.eval.reconstruction import format_report, held_out_images, reconstruction_report  # noqa: E402
+from semanticist_fast.inference import Tokenizer, load_generator, sample_images  # noqa: E402
+
+REFERENCE_INCEPTION_SHA256_PREFIX = "6726825d"  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
+
+
+def class_accuracy(ar_run: str, per_class: int, batch_size: int, seed: int, device: torch.device) -> dict:
+    loaded = load_generator(ar_run, str(device))
+    tokenizer = Tokenizer.from_checkpoint(loaded.tokenizer_path, device=str(device))
+    classes = loaded.gpt.num_classes
+    labels = torch.arange(classes * per_class, device=device) % classes
+    generator = torch.Generator(device).manual_seed(seed)
+    start = time.perf_counter()
+    images = torch.cat([sample_images(loaded.gpt, tokenizer, labels[i:i + batch_size], loaded.sample, generator).cpu()
+                        for i in range(0, labels.shape[0], batch_size)])
+    seconds = time.perf_counter() - start
+    predicted = classify(images, classes)
+    hits = (predicted == labels.cpu()).float()
+    return {"samples": int(labels.shape[0]), "accuracy": hits.mean().item(),
+            "per_class": [hits[labels.cpu() == c].mean().item() for c in range(classes)],
+            "sample_seconds": seconds, "samples_per_s": labels.shape[0] / seconds}
+
+
+def fid_figures(args, device: torch.device) -> dict:
+    from semanticist_fast.eval.config import EvalConfig
+    from semanticist_fast.eval.gen_eval import evaluate_generation
+    from semanticist_fast.eval.recon_eval import evaluate_reconstruction
+
+    cfg = EvalConfig(inception_path=args.inception_path, tokens="all", per_class=args.per_class)
+    sha = sha256_file(Path(args.inception_path))
+    recon = evaluate_reconstruction(args.tokenizer, cfg, device=str(device))
+    out = {"inception_sha256": sha, "reference_weights": sha.startswith(REFERENCE_INCEPTION_SHA256_PREFIX),
+           "rfid": recon["per_tokens"][-1]["rfid"], "recon_seconds": recon["seconds"]}
+    if args.ar:
+        gen = evaluate_generation(args.ar, cfg, device=str(device))
+        out.update(gfid=gen["gfid"], is_mean=gen["is_mean"], gen_seconds=gen["seconds"])
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="runs/tokenizer_tiny", help="a trained tokenizer run (or checkpoint)")
+    p.add_argument("--ar", default="runs/ar_tiny", help="a trained AR run (or checkpoint); '' to skip")
+    p.add_argument("--num-images", type=int, default=256, help="held-out images to reconstruct")
+    p.add_argument("--per-class", type=int, default=20, help="AR samples per class")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inception-path", default=None, help="also rFID / gFID / IS with these Inception weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+
+    tok = Tokenizer.from_checkpoint(args.tokenizer, device=str(device))
+    images = held_out_images(args.tokenizer, tok.image_size, args.num_images)
+    start = time.perf_counter()
+    report, _ = reconstruction_report(tok, images, token_counts(tok.num_slots), seed=args.seed,
+                                      batch_size=args.batch_size)
+    report["seconds"] = time.perf_counter() - start
+    print(format_report(report))
+    record = {"device": describe_device(device), "device_kind": device.type,
+              "tokenizer": str(resolve_checkpoint(args.tokenizer)), "reconstruction": report}
+    if args.ar:
+        record["ar"] = str(resolve_checkpoint(args.ar))
+        record["samples"] = class_accuracy(args.ar, args.per_class, args.batch_size, args.seed, device)
+        print(f"AR samples: {record['samples']['accuracy']:.1%} of {record['samples']['samples']} in their class "
+              f"by hue; per class " + " ".join(f"{a:.0%}" for a in record["samples"]["per_class"]))
+    if args.inception_path:
+        record["fid"] = fid_figures(args, device)
+        fid = record["fid"]
+        print(f"rFID {fid['rfid']:.3f}" + (f", gFID {fid['gfid']:.3f}, IS {fid['is_mean']:.2f}" if "gfid" in fid else "")
+              + ("" if fid["reference_weights"] else " (not torch-fidelity's Inception weights: meaningless)"))
+    if not args.no_write:
+        print("wrote", write_result("bench_quality", record))
+    return record
+
+
+if __name__ == "__main__":
+    main()

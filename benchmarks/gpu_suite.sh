@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The GPU suite: what a session that is lent a GPU runs first, in one go (about 8 minutes on one H100 / H200).
+#
+#   bash benchmarks/gpu_suite.sh              # run every step
+#   bash benchmarks/gpu_suite.sh --dry-run    # print the steps and their time limits, run nothing
+#   bash benchmarks/gpu_suite.sh --only bench_train_tok,bench_sample_ar    # a subset, by step name
+#
+# Steps: the extension build (only if semanticist_fast._C is missing or has no CUDA kernels), the kernel tests on
+# CUDA (no TRITON_INTERPRET), bench_kernels, bench_train (tokenizer-L and AR-L: optimised vs plain eager, MFU),
+# bench_sample (AR-L), and the DALI bench if benchmarks/bench_data.py exists. A step that fails or runs past its
+# limit is logged and the suite goes on; the summary at the end lists each step's status and time, and the exit
+# status is 1 if any step failed.
+#
+# Results: every benchmark appends to benchmarks/results/history.jsonl; with $OUT set (the device runner's
+# output folder) each record is appended to $OUT/history-new.jsonl too, and the logs and the summary go to
+# $OUT/gpu_suite/. Back on the dev machine: python benchmarks/store.py import <that>/history-new.jsonl, then
+# python benchmarks/report.py.
+set -u
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+ONLY=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --only) ONLY="${2:-}"; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PY="${PYTHON:-python}"
+LOGS="${OUT:-benchmarks/results}/gpu_suite"
+if [[ -n "${OUT:-}" ]]; then
+  export BENCH_RESULTS_COPY="$OUT/history-new.jsonl"
+fi
+BUDGET_S="${GPU_SUITE_BUDGET_S:-470}"  # the whole suite; a step never gets more than what is left of it
+START=$(date +%s)
+NAMES=()
+STATUS=()
+SECONDS_TAKEN=()
+
+# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with a time limit, logs it, records the outcome.
+step() {
+  local name="$1" limit="$2"
+  shift 2
+  if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then
+    return 0
+  fi
+  local left=$(( BUDGET_S - ($(date +%s) - START) ))
+  (( limit > left )) && limit=$left
+  if [[ $DRY_RUN -eq 1 ]]; then
+    printf '%-20s limit %4ss  %s\n' "$name" "$limit" "$*"
+    return 0
+  fi
+  NAMES+=("$name")
+  if (( limit < 10 )); then
+    STATUS+=("skipped (suite budget spent)")
+    SECONDS_TAKEN+=(0)
+    return 0
+  fi
+  mkdir -p "$LOGS"
+  echo "=== $name (limit ${limit}s): $*"
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  tail -n 15 "$LOGS/$name.log"
+  if [[ $rc -eq 0 ]]; then
+    STATUS+=("ok")
+  elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    STATUS+=("TIMEOUT after ${limit}s")
+  else
+    STATUS+=("FAILED (exit $rc)")
+  fi
+  SECONDS_TAKEN+=("$took")
+}
+
+if [[ $DRY_RUN -eq 0 ]]; then
+  mkdir -p "$LOGS"
+  {
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    git rev-parse --short HEAD 2>/dev/null || echo "no git"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "no nvidia-smi"
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" 2>&1
+  } | tee "$LOGS/environment.txt"
+fi
+
+NEEDS_BUILD=$("$PY" -c "from semanticist_fast.kernels import extension as e; print(0 if e.BUILT_WITH_CUDA else 1)" \
+  2>/dev/null || echo 1)
+if [[ "$NEEDS_BUILD" == "1" ]]; then
+  step build_extension 150 env SEMANTICIST_WITH_CUDA=1 MAX_JOBS=16 "$PY" setup.py build_ext --inplace
+fi
+# The kernel tests on CUDA: Triton compiled for real, the C++/CUDA ops, the CUDA sources' compile check.
+step kernel_tests 75 env -u TRITON_INTERPRET "$PY" -m pytest -q -x tests/test_kernels.py tests/test_cuda_compile.py
+step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --compiled-reference
+step bench_train_tok 120 "$PY" benchmarks/bench_train.py --preset tokenizer-L --batch 64
+step bench_train_ar 90 "$PY" benchmarks/bench_train.py --preset ar-L --batch 256
+step bench_sample_ar 75 "$PY" benchmarks/bench_sample.py --size L --batch 64 --bf16 --head-steps 250 --repeats 2
+if [[ -f benchmarks/bench_data.py ]]; then
+  step bench_data 90 "$PY" benchmarks/bench_data.py --device cuda --preset tokenizer-L --images 1024 --workers 8 --train-batch 64
+elif [[ $DRY_RUN -eq 1 ]]; then
+  echo "(bench_data: benchmarks/bench_data.py does not exist here; skipped)"
+fi
+
+[[ $DRY_RUN -eq 1 ]] && exit 0
+FAILED=0
+{
+  echo "GPU suite: $(( $(date +%s) - START )) s in all (budget ${BUDGET_S} s)"
+  for i in "${!NAMES[@]}"; do
+    printf '  %-20s %-32s %5ss\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}"
+    [[ "${STATUS[$i]}" == ok ]] || FAILED=1
+  done
+  echo "logs: $LOGS; results: benchmarks/results/history.jsonl${BENCH_RESULTS_COPY:+ and $BENCH_RESULTS_COPY}"
+} | tee "$LOGS/summary.txt"
+# The summary ran in a pipeline (a subshell): read the outcome back from the statuses.
+for s in "${STATUS[@]}"; do [[ "$s" == ok ]] || FAILED=1; done
+exit $FAILED

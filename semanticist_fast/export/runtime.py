@@ -1,0 +1,188 @@
+"""CompiledSampler: class labels -> images from an exported directory (semanticist_fast/export/build.py).
+
+Needs torch and the packages only: it imports no model, kernel, inference or training code of this project, just
+the sampler math of semanticist_fast.diffusion (plain torch), which the eager path uses too. The loops are those
+of inference.generation.generate and inference.Tokenizer.decode, step for step and draw for draw, so the same
+generator gives the same images (within float tolerance: the kernels are Inductor's).
+
+    sampler = CompiledSampler.load("runs/ar_tiny_export")
+    images = sampler.sample_images(torch.tensor([1, 7]), torch.Generator().manual_seed(0), head_steps=25)
+
+The KV caches are tensors this object owns, one set per row count, passed to the AR steps, which write their
+position in place; positions not yet written are masked, so a reused cache needs no clearing. On a GPU the
+per-token steps (the AR decode step and the head step) and the decoder step replay from CUDA graphs
+(export/cuda_graphs.py; untested on GPU here); the noise is drawn outside the graphs, as the eager loop draws it.
+"""
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..diffusion.sampling import HeadSampler, decoder_process, guidance_at
+from .cuda_graphs import GraphedCall
+
+# The steps that replay from CUDA graphs, and where their state inputs (the KV caches, written in place) begin.
+GRAPHED = {"ar_prefill": 1, "ar_decode": 2, "head_step": None, "decoder_step": None}
+SETTINGS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampler", "decoder_guidance",
+            "decoder_steps")
+
+
+@dataclass
+class Program:
+    """One loaded package; inputs are made contiguous (a package reads them by its traced strides)."""
+    run: Callable
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.run(*(a.contiguous() for a in args))
+
+
+class CompiledSampler:
+    def __init__(self, directory: Path, manifest: dict, programs: dict[str, Callable], device: torch.device):
+        self.directory, self.manifest, self.programs, self.device = directory, manifest, programs, device
+        self.settings = dict(manifest["sample"])
+        head = manifest["head"]
+        self.head_sampler = HeadSampler(head["objective"], head["default_steps"], head["ddpm_schedule"],
+                                        head["ddpm_timesteps"])
+        self.process = decoder_process(**manifest["decoder"]["process"]).to(device)
+        self._decoders: dict = {}
+        self._caches: dict[int, list[torch.Tensor]] = {}
+
+    @classmethod
+    def load(cls, directory: Union[str, Path], use_cuda_graphs: Optional[bool] = None) -> "CompiledSampler":
+        """Load an exported directory. use_cuda_graphs (default: on for a CUDA export) replays the steps from
+        CUDA graphs."""
+        directory = Path(directory)
+        path = directory / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: export the sampler first (semanticist-fast export CKPT "
+                                    f"--out {directory}); an interrupted export leaves no manifest")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != 1:
+            raise ValueError(f"{path}: unknown export format {manifest.get('format')!r}; re-export with this version")
+        device = torch.device(manifest["device"])
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{directory} was exported for CUDA and this machine has no GPU; export it on this "
+                             f"machine (semanticist-fast export ... --device cpu)")
+        graphs = device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        if graphs and device.type != "cuda":
+            raise ValueError("use_cuda_graphs=True needs a CUDA export")
+        if manifest["torch"] != torch.__version__:
+            warnings.warn(f"{directory} was exported with torch {manifest['torch']} and this is torch "
+                          f"{torch.__version__}; if it fails to load or run, re-export it with this torch")
+        programs = {}
+        for name, spec in manifest["programs"].items():
+            file = str(directory / spec["file"])
+            program = Program(torch._inductor.aoti_load_package(file) if manifest["compiled"]
+                              else torch.export.load(file).module())
+            if graphs and name in GRAPHED:
+                start = GRAPHED[name]
+                program = GraphedCall(program, range(start, len(spec["inputs"])) if start is not None else ())
+            programs[name] = program
+        return cls(directory, manifest, programs, device)
+
+    # -- settings ------------------------------------------------------------------------------------------------
+    def resolved(self, **overrides) -> dict:
+        """The stored sampling settings with every given one that is not None replacing them."""
+        unknown = sorted(set(overrides) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown sampling settings {unknown}; choose from {', '.join(SETTINGS)}")
+        s = {**self.settings, **{k: v for k, v in overrides.items() if v is not None}}
+        if s["guidance"] != 1.0 and not self.manifest["ar"]["guided"]:
+            raise ValueError(f"{self.directory} was exported without class guidance (guidance 1.0): its steps have "
+                             f"no CFG batch for guidance {s['guidance']}; re-export with --guidance {s['guidance']}")
+        if s["decoder_guidance"] != 1.0 and not self.manifest["decoder"]["guided"]:
+            raise ValueError(f"{self.directory} was exported without decoder guidance: re-export with "
+                             f"--decoder-guidance {s['decoder_guidance']} to sample with it")
+        self.head_sampler.check(s["sampler"])
+        guidance_at(s["guidance"], 0, 1, s["guidance_schedule"])  # an unknown schedule fails now
+        return s
+
+    def _check_batch(self, batch: int) -> None:
+        lo, hi = self.manifest["batch"]["min"], self.manifest["batch"]["max"]
+        if not lo <= batch <= hi:
+            raise ValueError(f"{self.directory} was exported for batches of {lo} to {hi}, got {batch}; split the "
+                             f"labels or re-export with --batch {batch}")
+
+    def _caches_for(self, rows: int) -> list[torch.Tensor]:
+        if rows not in self._caches:
+            ar = self.manifest["ar"]
+            shape, dtype = (rows, *ar["cache_shape"]), getattr(torch, ar["cache_dtype"])
+            self._caches[rows] = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2 * ar["layers"])]
+        return self._caches[rows]
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None, **overrides) -> torch.Tensor:
+        """Class labels (B,) -> tokens (B, num_tokens, token_dim) float32, as inference.generate draws them."""
+        s = self.resolved(**overrides)
+        ar = self.manifest["ar"]
+        if labels.ndim != 1 or labels.dtype != torch.long:
+            raise ValueError(f"labels must be a 1-d int64 tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < ar["num_classes"]:
+            raise ValueError(f"labels must be in 0..{ar['num_classes'] - 1}")
+        batch, num_tokens, token_dim = labels.shape[0], ar["num_tokens"], ar["token_dim"]
+        self._check_batch(batch)
+        labels = labels.to(self.device)
+        guided = ar["guided"]
+        rows = 2 * batch if guided else batch
+        caches = self._caches_for(rows)
+        all_labels = torch.cat([labels, torch.full_like(labels, ar["num_classes"])]) if guided else labels
+        positions = torch.arange(num_tokens, device=self.device)
+        tokens = torch.zeros(batch, num_tokens, token_dim, device=self.device)
+        for k in range(num_tokens):
+            if k == 0:
+                cond_emb = self.programs["ar_prefill"](all_labels, *caches)
+            else:
+                prev = tokens[:, k - 1:k]
+                prev = torch.cat([prev, prev]) if guided else prev
+                cond_emb = self.programs["ar_decode"](prev, positions[k:k + 1], *caches)
+            scale = guidance_at(s["guidance"], k, num_tokens, s["guidance_schedule"]) if guided else None
+            tokens[:, k] = self.head_sampler.sample(self._head_fn(cond_emb, scale), batch, token_dim, self.device,
+                                                    s["temperature"], generator, s["head_steps"], s["sampler"])
+        return tokens
+
+    def _head_fn(self, cond_emb: torch.Tensor, scale: Optional[float]):
+        step = self.programs["head_step"]
+        extra = () if scale is None else (torch.tensor(scale, dtype=torch.float32, device=self.device),)
+
+        def model_fn(x, t):
+            # Every row shares one timestep: flow passes it as (1,), the DDPM chains as (rows,) integers.
+            return step(x, t.reshape(-1)[:1].float(), cond_emb, *extra)
+
+        return model_fn
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, generator: Optional[torch.Generator] = None, progress: bool = False,
+               **overrides) -> torch.Tensor:
+        """The AR's tokens (B, num_tokens, token_dim) -> images in [0, 1], as inference.Tokenizer.decode does."""
+        s = self.resolved(**overrides)
+        ar = self.manifest["ar"]
+        expected = (ar["num_tokens"], ar["token_dim"])
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != expected:
+            raise ValueError(f"tokens must be (B, {expected[0]}, {expected[1]}), got {tuple(tokens.shape)}")
+        self._check_batch(tokens.shape[0])
+        tokens = tokens.to(self.device, torch.float32)
+        steps = str(s["decoder_steps"])
+        if steps not in self._decoders:
+            self._decoders[steps] = self.process.sampler(steps)
+        step = self.programs["decoder_step"]
+        # A guided export runs the CFG batch at any scale, 1.0 included (equal to the unguided path up to rounding).
+        extra = (torch.tensor(float(s["decoder_guidance"]), dtype=torch.float32, device=self.device),) \
+            if self.manifest["decoder"]["guided"] else ()
+
+        def model_fn(x, t):
+            return step(x, t.float(), tokens, *extra)
+
+        noise = torch.randn((tokens.shape[0], *self.manifest["decoder"]["latent_shape"]), device=self.device,
+                            generator=generator)
+        latents = self._decoders[steps](model_fn, noise, generator, progress)
+        return self.programs["latent_decode"](latents)
+
+    def sample_images(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None,
+                      **overrides) -> torch.Tensor:
+        """Class labels -> images in [0, 1]: inference.sample_images with the exported steps."""
+        tokens = self.generate(labels, generator, **overrides)
+        return self.decode(tokens, generator, **overrides)
