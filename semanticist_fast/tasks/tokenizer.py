@@ -137,10 +137,11 @@ def build_latent_cache_for_run(run: TokenizerRun, out: Path, views: str = "ten_c
     of the latent cache of run.data's training images. Returns (the directory, whether the cache is complete)."""
     from ..data.latent_cache import NAMES, build_latent_cache
     from ..data.shards import CacheError, open_shards
-    from ..engine.distributed import init_world, launched_world
+    from ..common.distributed import ranks_from_env
+    from ..engine.distributed import init_world
 
     _needs_kl16(run, "the latent cache")
-    world = init_world("deepspeed" if launched_world()[1] > 1 else "single", run.train.device,
+    world = init_world("deepspeed" if ranks_from_env().world_size > 1 else "single", run.train.device,
                        run.train.collective_timeout_s)
     raw_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed, raw=True)
     identity = latent_identity(run, raw_set)
