@@ -90,7 +90,9 @@ setup(
     # train.engine=deepspeed (scripts/install.sh installs it); `semanticist-fast eval` (rFID / gFID / IS):
     # torch-fidelity needs torchvision: take the one built for your torch (constraints.txt pins it for the CPU torch
     # 2.13.0), or pip may replace your torch with a newer one.
-    extras_require={"deepspeed": ["deepspeed"], "eval": ["torch-fidelity==0.4.0", "torchvision"]},
+    # dali: data.loader=dali (NVIDIA DALI; its CPU pipeline runs anywhere).
+    extras_require={"deepspeed": ["deepspeed"], "eval": ["torch-fidelity==0.4.0", "torchvision"],
+                    "dali": ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13"]},
     entry_points={"console_scripts": ["semanticist-fast = semanticist_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

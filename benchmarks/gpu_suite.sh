@@ -99,7 +99,7 @@ step bench_train_tok 120 "$PY" benchmarks/bench_train.py --preset tokenizer-L --
 step bench_train_ar 90 "$PY" benchmarks/bench_train.py --preset ar-L --batch 256
 step bench_sample_ar 75 "$PY" benchmarks/bench_sample.py --size L --batch 64 --bf16 --head-steps 250 --repeats 2
 if [[ -f benchmarks/bench_data.py ]]; then
-  step bench_data 45 "$PY" benchmarks/bench_data.py
+  step bench_data 90 "$PY" benchmarks/bench_data.py --device cuda --preset tokenizer-L --images 1024 --workers 8 --train-batch 64
 elif [[ $DRY_RUN -eq 1 ]]; then
   echo "(bench_data: benchmarks/bench_data.py does not exist here; skipped)"
 fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs semanticist-fast into the current Python environment on a fresh machine.
 #   bash scripts/install.sh          runtime (CPU torch 2.13.0, DeepSpeed, pinned) + the C++ extension
-#   bash scripts/install.sh --dev    also the test dependencies and the optional extras (.[eval])
+#   bash scripts/install.sh --dev    also the test dependencies and the optional extras (.[eval,dali]), so the tests cover them
 # On a CUDA machine, install your torch first, then: pip install -e .
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ $PIP torch==2.13.0 numpy pyyaml tqdm tensorboard safetensors pillow setuptools w
 EXTRAS=""
 if [[ "${1:-}" == "--dev" ]]; then
   $PIP -r requirements-dev.txt
-  EXTRAS="[eval]"  # the optional parts, so that the tests (and CI) cover them: eval = torch-fidelity
+  EXTRAS="[eval,dali]"  # eval = torch-fidelity; dali = NVIDIA DALI, whose CPU pipeline the tests run
 fi
 # The extension builds against the torch just installed. No build isolation: nothing to fetch for the build
 # (setup.py copes with isolation too); --use-pep517 skips setuptools' deprecated `setup.py develop` path.

@@ -1,4 +1,5 @@
-"""`semanticist-fast` (also `python -m semanticist_fast`): train, reconstruct, sample, convert, eval, export, demo.
+"""`semanticist-fast` (also `python -m semanticist_fast`): train, cache, reconstruct, sample, convert, eval, export,
+demo.
 
 Exit codes: 0 done; 1 a runtime error (a file that cannot be used, a non-finite run, a rank that died, a full
 disk); 2 a usage error (a bad option, config key or value); 75 stopped by a signal after writing a checkpoint
@@ -37,6 +38,25 @@ def cmd_train(args) -> int:
     run = load_config(spec.run_config, args.config, args.overrides)
     metrics = train(run, Path(args.out), resume=args.resume, deepspeed_config=load_deepspeed_config(args.deepspeed_config))
     log.info("done: %s", json.dumps(metrics))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .config import load_config
+    from .tasks import spec_for_file
+    from .tasks.tokenizer import build_latent_cache_for_run
+
+    spec = spec_for_file(args.config)
+    if spec.kind != "tokenizer":
+        raise UsageError(f"{args.config} is a {spec.kind} config: `cache` builds stage 1's latent cache from a "
+                         "tokenizer config (the AR stage builds its token cache itself)")
+    run = load_config(spec.run_config, args.config, args.overrides)
+    out, complete = build_latent_cache_for_run(run, Path(args.out), args.views, args.shard_size, args.batch_size,
+                                               progress=run.train.progress)
+    if complete:
+        log.info("latent cache complete in %s; train with data.latents=%s", out, out)
+    else:
+        log.info("this rank's shards of %s are built; the cache is complete once every rank has finished", out)
     return 0
 
 
@@ -294,6 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     # Launchers that pass the local rank as an argument (the env var LOCAL_RANK is what counts).
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(fn=cmd_train)
+
+    k = sub.add_parser("cache", help="encode a tokenizer config's training images once: the VAE posterior of every "
+                                     "view, for data.latents=DIR", formatter_class=fmt)
+    k.add_argument("config", help="tokenizer YAML (model.codec: the KL-16 VAE; data: the images)")
+    k.add_argument("--out", required=True, help="cache directory (a partial build resumes)")
+    k.add_argument("--views", choices=["ten_crop", "center_flip", "center"], default="ten_crop",
+                   help="views per image: ten-crop (20), the centre crop and its mirror, or the centre crop")
+    k.add_argument("--shard-size", type=_positive("--shard-size"), default=256, help="images per shard")
+    k.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="views per encoder call")
+    k.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=/data/train")
+    k.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    k.set_defaults(fn=cmd_cache)
 
     r = sub.add_parser("reconstruct", help="reconstruct images from their first k tokens; MSE / PSNR / SSIM per k "
                                            "against the flat mean-colour baseline", formatter_class=fmt)

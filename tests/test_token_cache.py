@@ -1,5 +1,4 @@
 """The AR token cache: exact read-back, stale caches refused, interrupted builds resumed, views without replacement."""
-import json
 
 import numpy as np
 import pytest

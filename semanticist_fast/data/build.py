@@ -14,10 +14,16 @@ class DataConfig:
     num_classes: int = 10  # procedural
     crop: Literal["random_crop", "center_crop"] = "random_crop"
     hflip: bool = True
+    loader: Literal["torch", "dali"] = "torch"  # dali: NVIDIA DALI decodes and crops (data/dali.py), folder data only
+    scan_dir: str = ""  # dali: where the scan of data.root is kept (default: ~/.cache/semanticist-fast/scans/)
+    latents: str = ""  # stage 1: a latent cache (`semanticist-fast cache`) to read the VAE posterior from
 
     def validate(self):
         if self.dataset == "folder" and not self.root:
             raise ValueError("data.dataset=folder needs data.root: an ImageFolder directory (root/<class>/<image>)")
+        if self.loader == "dali" and self.dataset != "folder":
+            raise ValueError("data.loader=dali decodes image files: it needs data.dataset=folder (the procedural "
+                             "images are drawn, not decoded); use data.loader=torch")
 
 
 def build_dataset(cfg: DataConfig, image_size: int, split: str = "train", seed: int = 0, raw: bool = False):
@@ -35,6 +41,27 @@ def build_dataset(cfg: DataConfig, image_size: int, split: str = "train", seed: 
     if not cfg.val_root:
         raise ValueError("no held-out images: set data.val_root to an ImageFolder directory")
     return ImageFolderDataset(cfg.val_root, build_transform("center_crop", image_size, False))
+
+
+def images_identity(cfg: DataConfig, dataset, seed: int = 0) -> dict:
+    """What identifies a training set's images in a cache's manifest: the folder's list of files and labels (the
+    root may move), or the procedural settings."""
+    if cfg.dataset == "folder":
+        from .scan import files_digest
+        return {"dataset": "folder", "files_sha256": files_digest(dataset.samples, dataset.root),
+                "num_files": len(dataset.samples)}
+    return {"dataset": "procedural", "num_items": cfg.num_items, "num_classes": cfg.num_classes, "seed": seed}
+
+
+def dali_images(cfg: DataConfig, dataset, world, progress: bool = True, num_threads: int = 1):
+    """`dataset` (an ImageFolderDataset) read through DALI on world.device: scans the folder first (each rank of
+    `world` a share; it has rank, size, device and barrier(what)), or reuses the scan."""
+    from .dali import DaliImages
+    from .scan import default_scan_dir, scan_folder
+
+    scan = scan_folder(dataset.samples, dataset.root, cfg.scan_dir or default_scan_dir(dataset.root), world,
+                       progress=progress and world.rank == 0)
+    return DaliImages(dataset, scan, dataset.transform, world.device, num_threads)
 
 
 def held_out_dataset(cfg: DataConfig, image_size: int, seed: int = 0):

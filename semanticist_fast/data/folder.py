@@ -28,6 +28,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 _LAYOUT = "root/<class_name>/<image file> (subfolders allowed), one folder per class"
 
 Transform = Callable[[Image.Image, torch.Generator], torch.Tensor]
+# What PIL raises on a file it cannot decode (truncated, not an image, a decompression bomb).
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _is_image(path: str) -> bool:
@@ -100,7 +102,7 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as img:
                 return to_rgb(img)  # converting forces a full decode, so truncation fails here
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except UNREADABLE_ERRORS as e:
             self._unreadable.add(index)
             self._skipped[index] = 1
             logger.warning("skipping unreadable image %s (%s: %s); %d skipped so far", path, type(e).__name__, e,
@@ -110,8 +112,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.get(index, seeded_generator(self.seed, self.epoch, index))
 
-    def get(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """Item `index` with its augmentation drawn from `generator` (the trainer's resumable loader seeds it)."""
+    def load(self, index: int) -> tuple[int, Image.Image]:
+        """(j, image j as RGB): j is `index`, or the next readable file in sorted order when it is unreadable."""
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
@@ -120,9 +122,12 @@ class ImageFolderDataset(Dataset):
             j = (index + step) % n
             pil = self._load(j)
             if pil is not None:
-                break
-        else:
-            raise RuntimeError(f"no readable image under '{self.root}': all {n} files failed to load")
+                return j, pil
+        raise RuntimeError(f"no readable image under '{self.root}': all {n} files failed to load")
+
+    def get(self, index: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """Item `index` with its augmentation drawn from `generator` (the trainer's resumable loader seeds it)."""
+        j, pil = self.load(index)
         if self.transform is None:
             x = to_tensor(pil)
         else:

@@ -5,6 +5,8 @@ The order of epoch e is a permutation drawn from (seed, e), and every item's aug
 order[s*B : (s+1)*B]; it is cut into ranks x accumulation micro-batches of m items, and micro-step a of rank r
 takes piece a*ranks + r. So the position (epoch, step) in a checkpoint fully determines what every rank reads
 next, whatever the number of ranks, micro-batch or workers, and the global batches never depend on them.
+A dataset with an `epoch_loader(batches, num_workers, pin_memory)` of its own (DALI, data/dali.py) is handed these
+batches and iterates them itself; the trainer never knows which kind it has.
 """
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -68,6 +70,9 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, start_step: in
         dataset.set_epoch(epoch)
     batches = rank_batches(len(dataset), batch_size, micro_batch or batch_size, world_size, rank, seed, epoch,
                            start_step)
+    own = getattr(dataset, "epoch_loader", None)
+    if own is not None:  # a dataset with a pipeline of its own (data/dali.py) reads these same batches
+        return own(batches, num_workers, pin_memory)
     return DataLoader(
         SeededItems(dataset), batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=False,

@@ -1,6 +1,7 @@
 """A directory of fixed-size .npy shards, the manifest that says what they hold, and a record per finished shard.
 
-Shared by the caches that encode a dataset once and stream it afterwards (the AR token cache; the latent cache).
+Shared by the caches that encode a dataset once and stream it afterwards (the AR token cache, the stage-1 latent
+cache) and by the image scan of the DALI loader.
 
     DIR/manifest.json          the cache's identity (what it was built from); a run whose identity differs is
                                refused with the differing fields named
@@ -57,6 +58,15 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def check_identity(manifest: dict, identity: dict, identity_fields: tuple[str, ...], directory, what: str) -> None:
+    """Refuse a cache whose manifest differs from `identity` in any of `identity_fields`, naming each one."""
+    diffs = [f"{k}: {what} has {manifest.get(k)!r}, this run needs {identity[k]!r}"
+             for k in identity_fields if manifest.get(k) != identity[k]]
+    if diffs:
+        raise CacheError(f"the {what} in {directory} does not match this run:\n  " + "\n  ".join(diffs)
+                         + f"\ndelete {directory} to rebuild it, or point the run at another directory")
+
+
 class ShardWriter:
     """Creates the manifest, or checks an existing one against `identity` (its `identity_fields` must match;
     other entries, such as where the inputs were found, may change). Every rank of a build may create it: the
@@ -69,11 +79,7 @@ class ShardWriter:
         self.num_items, self.shard_size = identity["num_items"], identity["shard_size"]
         if self.path.exists():
             self.manifest = _read_json(self.path, what)
-            diffs = [f"{k}: {what} has {self.manifest.get(k)!r}, this run needs {identity[k]!r}"
-                     for k in identity_fields if self.manifest.get(k) != identity[k]]
-            if diffs:
-                raise CacheError(f"the {what} in {self.dir} does not match this run:\n  " + "\n  ".join(diffs)
-                                 + f"\ndelete {self.dir} to rebuild it, or point the run at another directory")
+            check_identity(self.manifest, identity, identity_fields, self.dir, what)
         else:
             self.manifest = dict(identity)
             atomic_write_text(self.path, json.dumps(self.manifest, indent=1))

@@ -16,8 +16,8 @@ import torch
 
 from ..common.device import autocast_for
 from ..common.files import sha256_file
-from ..common.seeds import seeded_generator
 from .shards import CacheError, ShardWriter, open_shards
+from .transforms import crop_views, num_views, to_pil, view_boxes, view_for_epoch
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # 3: a record with sizes and checksums per shard
@@ -31,21 +31,10 @@ class CacheConfig:
     encode_batch_size: int = 256
 
 
-def num_views(views: str) -> int:
-    return {"ten_crop": 20, "center_flip": 2, "center": 1}[views]
-
-
 def image_views(image: torch.Tensor, views: str, size: int) -> torch.Tensor:
-    """All augmented views of one image (3, H, W) in [0, 1] -> (V, 3, size, size)."""
-    from PIL import Image
-
-    from .transforms import center_crop_arr, ten_crop_views
-
-    pil = Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    if views == "ten_crop":
-        return torch.stack(ten_crop_views(pil, size))
-    center = center_crop_arr(pil, size)
-    return torch.stack([center, center.flip(-1)]) if views == "center_flip" else center[None]
+    """All augmented views of one image (3, H, W) in [0, 1] -> (V, 3, size, size) (transforms.view_boxes)."""
+    pil = to_pil(image)
+    return torch.stack(crop_views(pil, view_boxes(views, *pil.size, size)))
 
 
 def expected_manifest(tokenizer_file: Path, num_tokens: int, views: str, data_desc: dict, num_items: int,
@@ -147,9 +136,7 @@ class TokenCache(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def view_for(self, index: int, epoch: int) -> int:
-        cycle, position = divmod(epoch, self.num_views)
-        order = torch.randperm(self.num_views, generator=seeded_generator(self.seed, index, cycle))
-        return int(order[position])
+        return view_for_epoch(self.seed, index, epoch, self.num_views)
 
     def read(self, index: int, view: int) -> torch.Tensor:
         shard, row = divmod(index, self.shard_size)

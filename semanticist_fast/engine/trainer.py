@@ -342,6 +342,10 @@ class Trainer:
         progress.report(self.step, metrics, images_per_s)
 
     def _preview(self, model) -> None:
+        if model is self.ema_model:  # the averages are the parameters; buffers (norm statistics) are the model's
+            with torch.no_grad():
+                for mine, theirs in zip(self.ema_model.buffers(), self.model.buffers()):
+                    mine.copy_(theirs)
         preview = getattr(self.task, "preview", None)
         if preview is not None:
             preview(model, self.step, self.out_dir / "previews" / f"step-{self.step:08d}.png")

@@ -1,5 +1,6 @@
 """The space the DiT denoises in, behind one interface: raw pixels, or the frozen KL-16 VAE's latents."""
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -59,13 +60,22 @@ class KL16Codec(nn.Module):
         return super().train(False)  # frozen: never leaves eval mode
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior of images in [0, 1]: (mean, logvar), unscaled, float32 (what the latent cache stores)."""
+        mean, logvar = self.vae.encode((images * 2 - 1).to(self.dtype))
+        return mean.float(), logvar.float()
+
+    @torch.no_grad()
+    def sample(self, mean: torch.Tensor, logvar: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
         """A posterior sample, scaled; its noise comes from rng (common/noise.py), torch's generator by default."""
         from .vae_kl import sample_posterior
 
-        mean, logvar = self.vae.encode((images * 2 - 1).to(self.dtype))
         noise = noise_or_local(rng, mean.device).randn(*mean.shape)
         return sample_posterior(mean.float(), logvar.float(), noise=noise) * self.scaling_factor
+
+    def encode(self, images: torch.Tensor, rng: Optional[SampleNoise] = None) -> torch.Tensor:
+        """sample(posterior(images)): a scaled posterior sample of images in [0, 1]."""
+        return self.sample(*self.posterior(images), rng)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -81,6 +91,13 @@ def build_codec(cfg: CodecConfig) -> nn.Module:
     if cfg.kind == "pixel":
         return PixelCodec()
     return KL16Codec(cfg)
+
+
+def codec_weights_file(cfg: CodecConfig) -> Path:
+    """The file whose sha256 identifies a KL-16 codec (what a latent cache was encoded with)."""
+    from .vae_kl import WEIGHTS_NAME
+
+    return Path(cfg.path) / WEIGHTS_NAME
 
 
 def codec_geometry(cfg: CodecConfig, image_size: int) -> tuple[int, int]:

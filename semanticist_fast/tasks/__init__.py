@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ..common.lock import RunLock
-from ..common.runs import list_checkpoints, read_meta, CheckpointError
+from ..common.runs import CheckpointError, list_checkpoints, read_meta
 from ..common.seeds import derive_seed
 from ..config import ConfigError, migrate_saved, save_config, to_dict
 from ..engine.distributed import init_world

@@ -16,7 +16,7 @@ import torch
 from ..common.files import atomic_write, sha256_file
 from ..common.noise import SampleNoise
 from ..common.runs import weights_file
-from ..config import to_dict
+from ..config import ConfigError, to_dict
 from ..data.build import DataConfig, build_dataset
 from ..data.token_cache import CacheConfig, TokenCache, build_token_cache
 from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
@@ -91,6 +91,9 @@ class ARTask:
 def build(run: ARRun, out_dir: Path, device: torch.device):
     """Checks the tokenizer and the data against the model (writing nothing); the training set comes from
     make_train_set(world), which pins the tokenizer into the run and builds (or resumes) the token cache."""
+    if run.data.loader != "torch" or run.data.latents:
+        raise ConfigError("data.loader=dali and data.latents are the tokenizer stage's (and `cache`'s); the AR stage "
+                          "trains from its token cache: leave them unset")
     source, digest = pinned_tokenizer(run, out_dir)
     tokenizer = Tokenizer.from_checkpoint(source, device=str(device))
     slot_dim = tokenizer.config.encoder.slot_dim

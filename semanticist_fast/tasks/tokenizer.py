@@ -7,13 +7,17 @@ from typing import Literal, Optional
 import torch
 
 from ..common.noise import SampleNoise
-from ..data.build import DataConfig, build_dataset, held_out_dataset
+from ..common.files import sha256_file
+from ..config import ConfigError
+from ..data.build import DataConfig, build_dataset, dali_images, held_out_dataset, images_identity
+from ..data.latent_cache import FORMAT_VERSION as LATENT_FORMAT
+from ..data.latent_cache import DaliLatentViews, LatentCache, LatentViews
 from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
 from ..eval.config import EvalConfig
 from ..eval.grid import save_grid, token_counts
 from ..inference.tokenizer import Tokenizer
 from ..models.dit import repa_loss
-from ..models.latent_codec import build_codec
+from ..models.latent_codec import build_codec, codec_geometry, codec_weights_file
 from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, decoder_process
 from .spec import TaskSpec
 
@@ -61,9 +65,15 @@ class TokenizerTask:
         return SemanticistTokenizer(self.run.model)
 
     def loss(self, model: SemanticistTokenizer, batch, step: int, epoch: int, rng: Optional[SampleNoise] = None):
+        """batch: (images, labels), or with data.latents (images, labels, posterior mean, logvar) of the same views;
+        the posterior is sampled here either way, with the trainer's noise."""
         images = batch[0].to(self.device, non_blocking=True)
         with torch.no_grad():
-            latents = self.codec.encode(images, rng).float()
+            if len(batch) == 4:
+                mean, logvar = (t.to(self.device, non_blocking=True) for t in batch[2:])
+                latents = self.codec.sample(mean, logvar, rng).float()
+            else:
+                latents = self.codec.encode(images, rng).float()
             target = self.teacher(images) if self.teacher is not None else None
         tokens = model.encode(images, rng)
         keep = model.nested.sample_keep(images.shape[0], step, epoch, self.device, rng)
@@ -99,12 +109,80 @@ class TokenizerTask:
         model.train(was_training)
 
 
+def codec_weights_sha256(run: TokenizerRun) -> str:
+    path = codec_weights_file(run.model.codec)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.codec.path: {path} does not exist (the KL-16 VAE's weights)")
+    return sha256_file(path)
+
+
+def latent_identity(run: TokenizerRun, raw_set) -> dict:
+    """What a latent cache must have been built from to train this run (data/latent_cache.py's manifest)."""
+    channels, side = codec_geometry(run.model.codec, run.model.image_size)
+    return {"version": LATENT_FORMAT, "codec_weights_sha256": codec_weights_sha256(run),
+            "images": images_identity(run.data, raw_set, run.train.seed), "image_size": run.model.image_size,
+            "latent_shape": [channels, side, side], "num_items": len(raw_set)}
+
+
+def _needs_kl16(run: TokenizerRun, what: str) -> None:
+    if run.model.codec.kind != "kl16":
+        raise ConfigError(f"{what} holds the KL-16 VAE's posterior, but model.codec.kind={run.model.codec.kind!r}: "
+                          "set model.codec.kind=kl16 and model.codec.path (with pixels there is nothing to cache)")
+
+
+def build_latent_cache_for_run(run: TokenizerRun, out: Path, views: str = "ten_crop", shard_size: int = 256,
+                               batch_size: int = 64, progress: bool = True,
+                               stop_after_shards: Optional[int] = None) -> tuple[Path, bool]:
+    """`semanticist-fast cache`: this process's share (under a launcher, rank r of R builds shards r, r + R, ...)
+    of the latent cache of run.data's training images. Returns (the directory, whether the cache is complete)."""
+    from ..data.latent_cache import NAMES, build_latent_cache
+    from ..data.shards import CacheError, open_shards
+    from ..common.distributed import ranks_from_env
+    from ..engine.distributed import init_world
+
+    _needs_kl16(run, "the latent cache")
+    world = init_world("deepspeed" if ranks_from_env().world_size > 1 else "single", run.train.device,
+                       run.train.collective_timeout_s)
+    raw_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed, raw=True)
+    identity = latent_identity(run, raw_set)
+    codec = build_codec(run.model.codec).to(world.device)
+    view_batches = None
+    if run.data.loader == "dali":
+        images = dali_images(run.data, raw_set, world, progress, max(1, run.train.num_workers))
+        view_batches = lambda indices, per: images.view_batches(indices, views, run.model.image_size, per)  # noqa: E731
+    build_latent_cache(codec, identity["codec_weights_sha256"], raw_set, out, views, run.model.image_size,
+                       identity["images"], world.device, shard_size, batch_size, view_batches,
+                       progress=progress and world.is_main, stop_after_shards=stop_after_shards, rank=world.rank,
+                       world_size=world.size)
+    try:
+        open_shards(out, NAMES, what="latent cache", verify_shards=0)
+        return Path(out), True
+    except CacheError:
+        return Path(out), False
+
+
 def build(run: TokenizerRun, out_dir: Path, device: torch.device):
-    """The task and its training set (checked, nothing written)."""
-    train_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed)
+    """The task and its training set (checked, nothing written); with data.loader=dali the set is read through DALI
+    (the folder scanned first), with data.latents from the latent cache (checked against this run)."""
+    latents = run.data.latents
+    if latents:
+        _needs_kl16(run, f"data.latents={latents}")
+    train_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed, raw=bool(latents))
     val_set = held_out_dataset(run.data, run.model.image_size, run.train.seed)
     preview = torch.stack([val_set[i][0] for i in range(min(run.preview_images, len(val_set)))]).to(device)
-    return TokenizerTask(run, device, preview), lambda world: train_set
+    expected = latent_identity(run, train_set) if latents else None
+
+    def make_train_set(world):
+        images = train_set
+        if run.data.loader == "dali":
+            images = dali_images(run.data, train_set, world, run.train.progress, max(1, run.train.num_workers))
+        if not latents:
+            return images
+        cache = LatentCache(latents, expected)
+        views = DaliLatentViews if run.data.loader == "dali" else LatentViews
+        return views(cache, images, run.model.image_size, seed=run.train.seed)
+
+    return TokenizerTask(run, device, preview), make_train_set
 
 
 SPEC = TaskSpec(kind="tokenizer", run_config=TokenizerRun, build=build)
