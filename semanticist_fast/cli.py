@@ -169,6 +169,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.tokenizer is None and args.ar is None:
+        raise UsageError("demo: give --tokenizer RUN, --ar RUN (the demo then uses its tokenizer) or both")
     try:
         from .demo.app import launch
     except ModuleNotFoundError as e:
@@ -179,8 +181,7 @@ def cmd_demo(args) -> int:
 
     from .demo.handlers import load_models
 
-    if args.tokenizer is None and args.ar is None:
-        raise UsageError("demo: give --tokenizer RUN (and --ar RUN or --compiled DIR for the generation tab)")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     torch.set_num_threads(args.threads)
     models = load_models(args.tokenizer, args.ar, args.compiled, args.device)
     log.info("serving the demo on http://%s:%d (Ctrl-C stops it)", args.host, args.port)

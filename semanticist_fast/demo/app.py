@@ -21,7 +21,15 @@ from .handlers import DemoInputError, DemoModels  # noqa: E402
 log = logging.getLogger(__name__)
 
 MODEL = "model"  # the one concurrency slot every model call takes
-CSS = "#gallery img, #samples img, #builtins img, #input-preview img, #first-k-image img {image-rendering: pixelated}"
+PIXELATED = "#gallery img, #samples img, #builtins img, #input-preview img, #first-k-image img"
+GALLERIES = ("#gallery", "#samples", "#builtins")
+# Tiny images stay pixels, not blur; the galleries shrink to their images (Gradio's default keeps 450 px and fixed
+# 100 px columns, which overflow the narrow left column) and the reconstructions' captions wrap instead of being cut.
+CSS = (f"{PIXELATED} {{image-rendering: pixelated}}\n"
+       + ", ".join(f"{g} .grid-wrap" for g in GALLERIES) + " {height: auto; min-height: 0; max-height: none; overflow: visible}\n"
+       + ", ".join(f"{g} .grid-container" for g in GALLERIES)
+       + " {grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr))}\n"
+       "#gallery .caption-label {white-space: normal; max-width: 90%}")
 
 
 def _guarded(fn: Callable) -> Callable:
@@ -52,7 +60,7 @@ def _tokenizer_tab(models: DemoModels) -> None:
             upload = gr.File(label="Upload an image", type="filepath", elem_id="upload")
             builtins = gr.Gallery(value=list(zip([handlers.display_image(x) for x in models.held_out],
                                                  models.held_out_captions)),
-                                  label="... or pick a held-out image", columns=8, height="auto",
+                                  label="... or pick a held-out image", columns=4, height="auto",
                                   allow_preview=False, format="png", elem_id="builtins",
                                   visible=len(models.held_out) > 0)
             preview = gr.Image(label=f"What the tokenizer sees ({tok.image_size} x {tok.image_size} centre crop)",
@@ -70,7 +78,8 @@ def _tokenizer_tab(models: DemoModels) -> None:
             gallery = gr.Gallery(label="Reconstructions from the first k tokens", columns=4, height="auto",
                                  allow_preview=False, format="png", elem_id="gallery")
             with gr.Row():
-                plot = gr.Image(label="PSNR against k", interactive=False, format="png", elem_id="plot")
+                plot = gr.Image(label="PSNR against k", show_label=False, buttons=["download"], interactive=False,
+                                format="png", elem_id="plot")  # the label would cover the legend
                 with gr.Column():
                     first_k = gr.Slider(1, K, value=max(1, K // 2), step=1, label="First k tokens",
                                         elem_id="first-k")

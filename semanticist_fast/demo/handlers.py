@@ -129,7 +129,7 @@ def _compiled_generation(directory, ar) -> Generation:
 
 
 def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = None,
-                out_dir: Optional[Path] = None, num_held_out: int = 16) -> DemoModels:
+                out_dir: Optional[Path] = None, num_held_out: int = 8) -> DemoModels:
     """The demo's models, loaded once. tokenizer: a run directory, checkpoint or weights file (default: the one the
     AR run was trained on); ar: an AR run for the generation tab; compiled: an exported directory
     (`semanticist-fast export`), which the generation tab then samples with instead of the eager AR model."""
@@ -273,11 +273,13 @@ def psnr_plot(counts: list[int], psnr: list[float], ssim: list[float], flat_psnr
     ax.set_xlim(0.8, num_slots * 1.25)
     ax.set_xlabel("first k tokens")
     ax.set_ylabel("PSNR (dB)", color="tab:blue")
+    ax.set_title("PSNR and SSIM against k", fontsize=9, pad=18)
     right = ax.twinx()
     right.plot(counts, ssim, "s:", color="tab:orange", label="SSIM")
     right.set_ylabel("SSIM", color="tab:orange")
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(lines, [line.get_label() for line in lines], loc="upper left", fontsize=8)
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3,
+              fontsize=8, frameon=False)  # above the axes: inside, it would cover the points
     buffer = BytesIO()
     fig.savefig(buffer, format="png")
     return Image.open(BytesIO(buffer.getvalue()))
