@@ -15,7 +15,10 @@ import io
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -31,6 +34,7 @@ from semanticist_fast.config import load_config
 from semanticist_fast.data.build import load_images
 from semanticist_fast.data.procedural import class_name
 from semanticist_fast.eval.metrics import psnr, ssim
+from semanticist_fast.export.build import export_sampler
 from semanticist_fast.inference import Tokenizer, load_generator, sample_images
 from semanticist_fast.inference.generation import with_overrides
 from semanticist_fast.tasks import train
@@ -52,6 +56,7 @@ MICRO_RECIPE = ("model.encoder.dim=64", "model.encoder.depth=2", "model.encoder.
                 "train.log_every=64", "train.ckpt_every=100000")
 SCREENSHOTS = os.environ.get("SEMANTICIST_DEMO_SCREENSHOTS")
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 CAPTION = re.compile(r"(\d+) tokens? · PSNR (-?[\d.]+) dB · SSIM (-?[\d.]+)")
 
 
@@ -211,6 +216,22 @@ def test_generation_grid_and_download(models, runs):
         handlers.generate_grid(models, [0], guidance_schedule="cosine")
 
 
+def test_generation_with_an_export(models, runs, tmp_path):
+    # Uncompiled (torch.export programs: no C++ compiler, seconds); the runtime runs them as it runs AOTInductor's.
+    export_sampler(runs[1], tmp_path / "exported", max_batch=4, device="cpu", compile=False, progress=False)
+    exported = handlers.load_models(runs[0], runs[1], compiled=tmp_path / "exported", device="cpu",
+                                    out_dir=tmp_path / "out")
+    assert exported.generation.source.endswith("(compiled)") and exported.generation.batch_size == 4
+    # One batch of 4 each way: the same noise, so the same images (up to the last 8-bit step).
+    a = handlers.generate_grid(exported, [1, 3], per_class=2, seed=11)
+    b = handlers.generate_grid(models, [1, 3], per_class=2, seed=11)
+    with np.load(a.archive) as x, np.load(b.archive) as y:
+        assert x["labels"].tolist() == y["labels"].tolist() == [1, 1, 3, 3]
+        assert np.abs(x["images"].astype(int) - y["images"].astype(int)).max() <= 1
+    # More images than the export's largest batch are drawn in batches of it.
+    assert handlers.generate_grid(exported, [0, 2, 4], per_class=2, seed=0).labels == [0, 0, 2, 2, 4, 4]
+
+
 def test_tokenizer_only_demo_has_no_generation(runs):
     tokenizer_only = handlers.load_models(runs[0], device="cpu")
     assert tokenizer_only.generation is None and handlers.class_choices(tokenizer_only) == []
@@ -218,12 +239,40 @@ def test_tokenizer_only_demo_has_no_generation(runs):
         handlers.generate_grid(tokenizer_only, [0])
 
 
-# -- the page, in a real browser ----------------------------------------------------------------------------------
+# -- the command and the page, in a real browser ------------------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def demo_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "semanticist_fast", "demo", *args]
+
+
+def test_the_command_serves_the_page_on_localhost(runs):
+    usage = subprocess.run(demo_command(), capture_output=True, text=True, env=ENV)
+    assert usage.returncode == 2 and "give --tokenizer RUN, --ar RUN" in usage.stderr
+    port = free_port()
+    server = subprocess.Popen(demo_command("--ar", str(runs[1]), "--port", str(port)), env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.monotonic() + 90, None
+        while page is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    page = response.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, f"no page on port {port} (server exit code {server.poll()})"
+        # The page's configuration is inline: the header names the tokenizer the AR run was trained on.
+        assert "semanticist-fast demo" in page and "4 ordered tokens per 16 px image" in page
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl-C: Gradio closes the server and the command returns
+        output = server.communicate(timeout=30)[0]
+    assert server.returncode == 0, output[-3000:]
+    assert f"serving the demo on http://127.0.0.1:{port}" in output and "Traceback" not in output
 
 
 @pytest.fixture
@@ -291,9 +340,15 @@ def test_the_page_in_a_browser(browser, server, models, upload, tmp_path):
     browser.get(server)
     wait_for(browser, lambda d: css("#upload input[type=file]"), "the upload box")
 
+    # A built-in held-out image, picked from its gallery, becomes the input.
+    wait_for(browser, lambda d: len(css("#builtins img")) == len(models.held_out), "the built-in images")
+    css("#builtins .thumbnail-item")[2].click()
+    wait_for(browser, lambda d: "Picked held-out #2" in d.find_element(By.ID, "tok-status").text
+             and css("#input-preview img"), "the picked image")
+
     # Tokenizer tab: upload the image, ask for k = 1 and all (every count in screenshot mode), reconstruct.
     css("#upload input[type=file]")[0].send_keys(str(upload))
-    wait_for(browser, lambda d: css("#input-preview img"), "the uploaded image's preview")
+    wait_for(browser, lambda d: "Image loaded" in d.find_element(By.ID, "tok-status").text, "the upload's status")
     asked = {"1", "2", "4", "all"} if SCREENSHOTS else {"1", "all"}
     for box in css("#counts input[type=checkbox]"):
         if box.is_selected() != (box.get_attribute("name") in asked):

@@ -6,6 +6,7 @@ Gradio). A handler's DemoInputError, or any other failure, reaches the page as o
 the status line, never as a traceback (the server log keeps the traceback of unexpected failures). The server
 binds to 127.0.0.1 unless told otherwise; Gradio's telemetry is off and the page loads nothing from outside.
 """
+import functools
 import html
 import logging
 import os
@@ -26,14 +27,17 @@ GALLERIES = ("#gallery", "#samples", "#builtins")
 # Tiny images stay pixels, not blur; the galleries shrink to their images (Gradio's default keeps 450 px and fixed
 # 100 px columns, which overflow the narrow left column) and the reconstructions' captions wrap instead of being cut.
 CSS = (f"{PIXELATED} {{image-rendering: pixelated}}\n"
-       + ", ".join(f"{g} .grid-wrap" for g in GALLERIES) + " {height: auto; min-height: 0; max-height: none; overflow: visible}\n"
+       + ", ".join(f"{g} .grid-wrap" for g in GALLERIES)
+       + " {height: auto; min-height: 0; max-height: none; overflow: visible}\n"
        + ", ".join(f"{g} .grid-container" for g in GALLERIES)
        + " {grid-template-columns: repeat(var(--grid-cols), minmax(0, 1fr))}\n"
        "#gallery .caption-label {white-space: normal; max-width: 90%}")
 
 
 def _guarded(fn: Callable) -> Callable:
-    """fn with every failure turned into a one-line message in the page."""
+    """fn with every failure turned into a one-line message in the page. functools.wraps keeps fn's signature,
+    from which Gradio learns what to pass (gr.SelectData, gr.Progress)."""
+    @functools.wraps(fn)
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -42,7 +46,6 @@ def _guarded(fn: Callable) -> Callable:
         except Exception as e:  # a failure of the model call itself: one line here, the traceback in the log
             log.exception("demo request failed")
             raise gr.Error(html.escape(f"the request failed: {type(e).__name__}: {e}"), print_exception=False) from None
-    call.__name__ = fn.__name__
     return call
 
 

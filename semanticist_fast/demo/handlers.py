@@ -146,6 +146,7 @@ def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = 
     elif loaded is not None:
         generation = _eager_generation(loaded, ar, tok, tokenizer)
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="semanticist-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
     return DemoModels(tok, str(tokenizer), held_out, captions, generation, out)
 
 
