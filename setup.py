@@ -91,8 +91,9 @@ setup(
     # torch-fidelity needs torchvision: take the one built for your torch (constraints.txt pins it for the CPU torch
     # 2.13.0), or pip may replace your torch with a newer one.
     # dali: data.loader=dali (NVIDIA DALI; its CPU pipeline runs anywhere).
+    # demo: `semanticist-fast demo`, the browser demos (Gradio; matplotlib draws the PSNR-against-k plot).
     extras_require={"deepspeed": ["deepspeed"], "eval": ["torch-fidelity==0.4.0", "torchvision"],
-                    "dali": ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13"]},
+                    "dali": ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13"], "demo": ["gradio", "matplotlib"]},
     entry_points={"console_scripts": ["semanticist-fast = semanticist_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs semanticist-fast into the current Python environment on a fresh machine.
 #   bash scripts/install.sh          runtime (CPU torch 2.13.0, DeepSpeed, pinned) + the C++ extension
-#   bash scripts/install.sh --dev    also the test dependencies and the optional extras (.[eval,dali]), so the tests cover them
+#   bash scripts/install.sh --dev    also the test dependencies, the optional extras (.[eval,dali,demo]) and, where it is
+#                                    missing, Debian's Chromium + chromedriver (the demo's browser test), so the tests cover them
 # On a CUDA machine, install your torch first, then: pip install -e .
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,13 @@ $PIP torch==2.13.0 numpy pyyaml tqdm tensorboard safetensors pillow setuptools w
 EXTRAS=""
 if [[ "${1:-}" == "--dev" ]]; then
   $PIP -r requirements-dev.txt
-  EXTRAS="[eval,dali]"  # eval = torch-fidelity; dali = NVIDIA DALI, whose CPU pipeline the tests run
+  EXTRAS="[eval,dali,demo]"  # eval = torch-fidelity; dali = NVIDIA DALI, whose CPU pipeline the tests run; demo = Gradio
+  if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+    # The demo's browser test drives the system's headless Chromium; nothing is downloaded at test time.
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-liberation >/dev/null
+  fi
 fi
 # The extension builds against the torch just installed. No build isolation: nothing to fetch for the build
 # (setup.py copes with isolation too); --use-pep517 skips setuptools' deprecated `setup.py develop` path.

@@ -1,4 +1,5 @@
-"""`semanticist-fast` (also `python -m semanticist_fast`): train, cache, reconstruct, sample, convert, eval, export.
+"""`semanticist-fast` (also `python -m semanticist_fast`): train, cache, reconstruct, sample, convert, eval, export,
+demo.
 
 Exit codes: 0 done; 1 a runtime error (a file that cannot be used, a non-finite run, a rank that died, a full
 disk); 2 a usage error (a bad option, config key or value); 75 stopped by a signal after writing a checkpoint
@@ -167,6 +168,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    if args.tokenizer is None and args.ar is None:
+        raise UsageError("demo: give --tokenizer RUN, --ar RUN (the demo then uses its tokenizer) or both")
+    try:
+        from .demo.app import launch
+    except ModuleNotFoundError as e:
+        if e.name not in ("gradio", "matplotlib"):
+            raise
+        raise RuntimeError(f"the demo needs {e.name}: pip install -c constraints.txt -e .[demo]") from None
+    import torch
+
+    from .demo.handlers import load_models
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
+    torch.set_num_threads(args.threads)
+    models = load_models(args.tokenizer, args.ar, args.compiled, args.device)
+    log.info("serving the demo on http://%s:%d (Ctrl-C stops it)", args.host, args.port)
+    launch(models, args.host, args.port)
+    return 0
 
 
 def _eval_config(args):
@@ -385,6 +405,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(x)
     x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
     x.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("demo", help="the browser demos: reconstructions from the first k tokens, class-conditional "
+                                    "samples (Gradio: pip install -e .[demo])", formatter_class=fmt)
+    d.add_argument("--tokenizer", default=None,
+                   help="tokenizer run directory, checkpoint or weights file (default: the one --ar was trained on)")
+    d.add_argument("--ar", default=None, help="AR run directory or checkpoint: turns on the generation tab")
+    d.add_argument("--compiled", default=None, metavar="DIR",
+                   help="an exported directory (semanticist-fast export): the generation tab samples with it")
+    d.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on; 0.0.0.0 opens the demo to the network")
+    d.add_argument("--port", type=_positive("--port"), default=7860, help="port to serve on")
+    d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    d.add_argument("--threads", type=_positive("--threads"), default=1,
+                   help="CPU threads for the model calls: the tiny models answer fastest on one; raise it for "
+                        "large models on a CPU")
+    d.set_defaults(fn=cmd_demo)
     return p
 
 

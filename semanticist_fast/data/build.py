@@ -1,7 +1,7 @@
 """Datasets from the data section of a config."""
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 
 @dataclass
@@ -72,8 +72,21 @@ def held_out_dataset(cfg: DataConfig, image_size: int, seed: int = 0):
     return build_dataset(cfg, image_size, "train", seed=seed)
 
 
-def load_images(paths: list[str], image_size: int):
-    """User-given image files -> (N, 3, S, S) in [0, 1] with the ADM centre crop."""
+def class_names(cfg: DataConfig) -> list[str]:
+    """A readable name per class: the built-in data's hue and shape ('orange squares') or an ImageFolder's class
+    folders; none (an empty list) when the folder is not on this machine."""
+    if cfg.dataset == "procedural":
+        from .procedural import class_name
+
+        return [class_name(c, cfg.num_classes) for c in range(cfg.num_classes)]
+    from .folder import class_folders
+
+    return class_folders(cfg.root) if Path(cfg.root).is_dir() else []
+
+
+def load_images(paths: list[str], image_size: int, max_pixels: Optional[int] = None):
+    """User-given image files -> (N, 3, S, S) in [0, 1] with the ADM centre crop. max_pixels: refuse larger images
+    before decoding them (their header gives the size)."""
     import torch
     from PIL import Image
 
@@ -85,7 +98,10 @@ def load_images(paths: list[str], image_size: int):
             raise FileNotFoundError(f"image {p} does not exist")
         try:
             with Image.open(p) as im:
+                if max_pixels is not None and im.width * im.height > max_pixels:
+                    raise ValueError(f"image {p} is {im.width}x{im.height} ({im.width * im.height / 1e6:.1f} "
+                                     f"megapixels); at most {max_pixels / 1e6:g} megapixels are taken: downscale it")
                 images.append(center_crop_arr(to_rgb(im), image_size))
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # not an image, a truncated one, a decompression bomb
             raise ValueError(f"cannot read image {p}: {e}") from None
     return torch.stack(images)

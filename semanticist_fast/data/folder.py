@@ -36,6 +36,11 @@ def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def class_folders(root: str | os.PathLike) -> list[str]:
+    """The class names of an ImageFolder tree: its visible subfolders, sorted (label i is the i-th)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 class ImageFolderDataset(Dataset):
     """(image, label) pairs from an ImageFolder tree; label = index of the class folder in sorted order.
 
@@ -55,7 +60,7 @@ class ImageFolderDataset(Dataset):
                 f"dataset root '{root_path}' does not exist or is not a directory; expected {_LAYOUT}"
             )
         self.root = str(root_path)
-        self.classes = sorted(e.name for e in os.scandir(root_path) if e.is_dir() and not e.name.startswith("."))
+        self.classes = class_folders(root_path)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
         for name in self.classes:

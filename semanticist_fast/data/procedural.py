@@ -44,6 +44,19 @@ def _chroma(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([r - 0.5 * (g + b), (math.sqrt(3.0) / 2.0) * (g - b)], dim=-1)
 
 
+_HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet", "magenta",
+              "pink")  # one every 30 degrees of hue, from red
+_SHAPE_NAMES = ("discs", "squares", "diamonds", "rings", "crosses")  # indexed like DISC .. CROSS
+
+
+def class_name(label: int, num_classes: int = 10) -> str:
+    """What class `label` looks like: its hue's nearest colour name and its large shapes, e.g. 'orange squares'."""
+    if not 0 <= label < num_classes:
+        raise ValueError(f"class {label} is outside 0..{num_classes - 1}")
+    hue = _HUE_NAMES[round(label / num_classes * len(_HUE_NAMES)) % len(_HUE_NAMES)]
+    return f"{hue} {_SHAPE_NAMES[label % NUM_SHAPE_TYPES]}"
+
+
 def class_prototypes(num_classes: int = 10) -> torch.Tensor:
     """(num_classes, 2) unit chroma directions of the class hues."""
     pure = torch.tensor([colorsys.hsv_to_rgb(c / num_classes, 1.0, 1.0) for c in range(num_classes)])

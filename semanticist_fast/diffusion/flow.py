@@ -184,8 +184,21 @@ class RectifiedFlow:
         integrate = FLOW_DECODERS[method]
 
         def sample(model_fn, noise, generator=None, progress: bool = False):
+            bar = None
+            if progress:  # one tick per network call, as the DDPM loops tick per step
+                from tqdm.auto import tqdm
+                bar = tqdm(total=evaluations, desc=spec, leave=False)
+
             def velocity(x, t):
-                return model_fn(x, (t * self.time_scale).expand(x.shape[0])).float()
-            return integrate(velocity, noise, evaluations)
+                v = model_fn(x, (t * self.time_scale).expand(x.shape[0])).float()
+                if bar is not None:
+                    bar.update()
+                return v
+
+            try:
+                return integrate(velocity, noise, evaluations)
+            finally:
+                if bar is not None:
+                    bar.close()
 
         return sample

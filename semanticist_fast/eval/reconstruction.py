@@ -1,6 +1,6 @@
 """How well a tokenizer reconstructs images from its first k tokens: MSE, PSNR and SSIM per k, against the flat
 baseline (each image painted its mean colour), which a tokenizer must beat to carry more than colour."""
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -53,18 +53,22 @@ def held_out_images(checkpoint, image_size: int, num_images: int) -> torch.Tenso
 @torch.no_grad()
 def reconstruction_report(tok: Tokenizer, images: torch.Tensor, counts: Sequence[int],
                           guidance: Optional[float] = None, steps: Optional[str] = None, seed: int = 0,
-                          batch_size: int = 32) -> tuple[dict, dict[int, torch.Tensor]]:
+                          batch_size: int = 32, on_count: Optional[Callable[[int, int], None]] = None,
+                          step_bars: bool = False) -> tuple[dict, dict[int, torch.Tensor]]:
     """(report, {k: reconstructions}). Batch i decodes with noise seeded seed + i * batch_size, the same for every k,
-    so the rows differ only in the tokens they were given."""
+    so the rows differ only in the tokens they were given. on_count(i, k) is called before the i-th count's decode;
+    step_bars shows a tqdm bar over each decode's steps."""
     batches = list(images.split(batch_size))
     tokens = [tok.encode(batch) for batch in batches]
     reconstructions = {}
-    for k in counts:
+    for index, k in enumerate(counts):
+        if on_count is not None:
+            on_count(index, int(k))
         decoded = []
         for i, batch_tokens in enumerate(tokens):
             generator = torch.Generator(tok.device).manual_seed(seed + i * batch_size)
             decoded.append(tok.decode(batch_tokens, num_tokens=k, guidance=guidance, steps=steps,
-                                      generator=generator).cpu())
+                                      generator=generator, progress=step_bars).cpu())
         reconstructions[int(k)] = torch.cat(decoded)
     flat = scores(flat_images(images), images)
     rows = []

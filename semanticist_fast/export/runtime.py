@@ -182,7 +182,7 @@ class CompiledSampler:
         return self.programs["latent_decode"](latents)
 
     def sample_images(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None,
-                      **overrides) -> torch.Tensor:
+                      progress: bool = False, **overrides) -> torch.Tensor:
         """Class labels -> images in [0, 1]: inference.sample_images with the exported steps."""
         tokens = self.generate(labels, generator, **overrides)
-        return self.decode(tokens, generator, **overrides)
+        return self.decode(tokens, generator, progress, **overrides)

@@ -81,11 +81,12 @@ def generate(gpt: GPT, labels: torch.Tensor, guidance: float = 1.0,
 
 
 def sample_images(gpt: GPT, tokenizer: Tokenizer, labels: torch.Tensor, s: SampleConfig,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Class labels -> images in [0, 1]: the AR model draws the first N tokens, the tokenizer decodes them."""
+                  generator: torch.Generator, progress: bool = False) -> torch.Tensor:
+    """Class labels -> images in [0, 1]: the AR model draws the first N tokens, the tokenizer decodes them.
+    progress: a tqdm bar over the decoder's steps."""
     tokens = generate(gpt, labels, s.guidance, s.guidance_schedule, s.temperature, generator, s.head_steps, s.sampler)
     return tokenizer.decode(tokens, num_tokens=gpt.num_tokens, guidance=s.decoder_guidance, steps=s.decoder_steps,
-                            generator=generator)
+                            generator=generator, progress=progress)
 
 
 PINNED_TOKENIZER = "tokenizer.safetensors"  # in an AR run directory: the tokenizer it was trained on

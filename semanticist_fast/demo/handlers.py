@@ -1,0 +1,372 @@
+"""The demo's requests as plain functions: load the models once (`load_models`), then `reconstruct_gallery`,
+`first_k_image` and `generate_grid` answer one request each. No Gradio here: the page (app.py) binds these to its
+components, and the tests call them directly.
+
+Every model call holds `DemoModels.lock`, so requests from several browsers run one at a time whatever the web
+server does. Bad input (no image, a file that is not an image, a huge one, a token count outside 1..K, a decoder
+step spec the tokenizer has no sampler for, too many samples) raises `DemoInputError`, whose message the page shows.
+"""
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from ..common.files import sha256_file
+from ..common.runs import saved_config, weights_file
+from ..config import ConfigError, from_dict
+from ..data.build import DataConfig, class_names, load_images
+from ..eval.grid import save_grid, save_samples, to_uint8, token_counts
+from ..eval.reconstruction import held_out_set, parse_token_counts, reconstruction_report
+from ..inference import Tokenizer, load_generator, sample_images
+from ..inference.generation import LoadedGenerator, with_overrides
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+MAX_PER_CLASS = 16
+MAX_SAMPLES = 64  # per request: a grid that still answers in seconds on a CPU
+DISPLAY_SIDE = 160  # smaller images are shown enlarged (nearest neighbour, so pixels stay visible)
+EAGER_BATCH = 64  # as `semanticist-fast sample`: the same seed gives the same images
+
+Progress = Callable[[float, str], None]  # (fraction done, what runs now)
+ImageSource = Union[str, Path, int]  # an uploaded file, or the index of a built-in held-out image
+
+
+class DemoInputError(ValueError):
+    """A request the demo cannot answer as asked; the message says what to change."""
+
+
+@dataclass
+class Generation:
+    """What the generation tab samples with: the eager AR model and its tokenizer, or an exported sampler."""
+    draw: Callable[[torch.Tensor, torch.Generator, dict, bool], torch.Tensor]  # labels, generator, settings, bars
+    defaults: dict  # the run's sampling settings
+    num_classes: int
+    class_names: list[str]
+    device: torch.device
+    batch_size: int
+    source: str  # what the page says it samples with
+
+
+@dataclass
+class DemoModels:
+    tokenizer: Tokenizer
+    tokenizer_source: str
+    held_out: torch.Tensor  # (N, 3, S, S) in [0, 1]: the tokenizer run's held-out images
+    held_out_captions: list[str]
+    generation: Optional[Generation]
+    out_dir: Path  # the downloads of the generation tab
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def num_slots(self) -> int:
+        return self.tokenizer.num_slots
+
+
+def _run_class_names(run) -> list[str]:
+    """Readable class names from the data section a checkpoint's run trained on; none where it names no data."""
+    try:
+        return class_names(from_dict(DataConfig, saved_config(run).get("data") or {}, prefix="data."))
+    except (ValueError, OSError):  # a converted checkpoint, a checkpoint not on this machine, a bad data section
+        return []
+
+
+def _name(names: list[str], label: int) -> str:
+    return names[label] if 0 <= label < len(names) else f"class {label}"
+
+
+def _held_out(tokenizer_path, image_size: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    try:
+        val = held_out_set(tokenizer_path, image_size)
+    except (ValueError, OSError) as e:  # a converted checkpoint: no data section
+        log.info("no built-in images to pick from: %s", e)
+        return torch.empty(0, 3, image_size, image_size), []
+    items = [val[i] for i in range(min(count, len(val)))]
+    names = _run_class_names(tokenizer_path)
+    return (torch.stack([image for image, _ in items]),
+            [f"held-out #{i}: {_name(names, label)}" for i, (_, label) in enumerate(items)])
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    a, b = weights_file(a), weights_file(b)
+    return a.resolve() == b.resolve() or (a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b))
+
+
+def _eager_generation(loaded: LoadedGenerator, ar, tokenizer: Tokenizer, tokenizer_path) -> Generation:
+    pinned = loaded.tokenizer_file()  # the tokenizer the AR model's tokens mean something to
+    device = next(loaded.gpt.parameters()).device
+    decoder = tokenizer if _same_weights(pinned, Path(tokenizer_path)) else \
+        Tokenizer.from_checkpoint(pinned, device=str(device))
+
+    def draw(labels, generator, settings, bars):
+        return sample_images(loaded.gpt, decoder, labels, with_overrides(loaded.sample, **settings), generator, bars)
+
+    num_classes = loaded.gpt.num_classes
+    names = [_name(_run_class_names(ar), c) for c in range(num_classes)]
+    return Generation(draw, asdict(loaded.sample), num_classes, names, device, EAGER_BATCH, f"{ar} (eager)")
+
+
+def _compiled_generation(directory, ar) -> Generation:
+    from ..export import CompiledSampler
+
+    sampler = CompiledSampler.load(directory)
+
+    def draw(labels, generator, settings, bars):
+        return sampler.sample_images(labels, generator, bars, **sampler.resolved(**settings))
+
+    num_classes = sampler.manifest["ar"]["num_classes"]
+    named = _run_class_names(ar or sampler.manifest["checkpoints"]["autoregressive"]["path"])
+    return Generation(draw, dict(sampler.settings), num_classes, [_name(named, c) for c in range(num_classes)],
+                      sampler.device, sampler.manifest["batch"]["max"], f"{directory} (compiled)")
+
+
+def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = None,
+                out_dir: Optional[Path] = None, num_held_out: int = 8) -> DemoModels:
+    """The demo's models, loaded once. tokenizer: a run directory, checkpoint or weights file (default: the one the
+    AR run was trained on); ar: an AR run for the generation tab; compiled: an exported directory
+    (`semanticist-fast export`), which the generation tab then samples with instead of the eager AR model."""
+    loaded = load_generator(ar, device) if ar is not None and compiled is None else None
+    if tokenizer is None:
+        if ar is None:
+            raise ConfigError("the demo needs a tokenizer: give --tokenizer RUN (or --ar RUN, whose tokenizer it uses)")
+        tokenizer = (loaded or load_generator(ar, "cpu")).tokenizer_file()
+    tok = Tokenizer.from_checkpoint(tokenizer, device=device)
+    held_out, captions = _held_out(tokenizer, tok.image_size, num_held_out)
+    generation = None
+    if compiled is not None:
+        generation = _compiled_generation(compiled, ar)
+    elif loaded is not None:
+        generation = _eager_generation(loaded, ar, tok, tokenizer)
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="semanticist-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    return DemoModels(tok, str(tokenizer), held_out, captions, generation, out)
+
+
+# -- inputs -----------------------------------------------------------------------------------------------------
+
+def input_image(models: DemoModels, source: Optional[ImageSource]) -> torch.Tensor:
+    """(1, 3, S, S) in [0, 1]: an image file centre-cropped as the tokenizer's data was, or a built-in one."""
+    if source is None or source == "":
+        raise DemoInputError("no image: upload one or pick a built-in held-out image")
+    if isinstance(source, int):
+        if not 0 <= source < len(models.held_out):
+            raise DemoInputError(f"built-in image {source} does not exist (there are {len(models.held_out)})")
+        return models.held_out[source:source + 1]
+    path = Path(source)
+    if not path.is_file():
+        raise DemoInputError(f"the uploaded file {path.name} is gone: upload it again")
+    size = path.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise DemoInputError(f"{path.name} is {size / 2**20:.1f} MiB; the demo takes files up to "
+                             f"{MAX_UPLOAD_BYTES / 2**20:g} MiB")
+    try:
+        return load_images([str(path)], models.tokenizer.image_size, max_pixels=MAX_PIXELS)
+    except ValueError as e:
+        message = str(e).replace(str(path), path.name)
+        if "cannot read" in message:
+            message += " (upload a PNG, JPEG, WebP, BMP, GIF or TIFF image)"
+        raise DemoInputError(message) from None
+
+
+def counts_of(models: DemoModels, counts: Sequence[Union[int, str]]) -> list[int]:
+    """Token counts, each a number in 1..K or "all", sorted, without repeats."""
+    if not counts:
+        raise DemoInputError("choose at least one token count")
+    try:
+        parsed = parse_token_counts(",".join(str(c) for c in counts), models.num_slots)
+    except ConfigError as e:
+        raise DemoInputError(str(e).removeprefix("tokens: ")) from None
+    return sorted(set(parsed))
+
+
+def display_image(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> a PIL image, enlarged by a whole factor when smaller than DISPLAY_SIDE."""
+    array = to_uint8(image[None])[0].permute(1, 2, 0).numpy()
+    pil = Image.fromarray(array)
+    factor = -(-DISPLAY_SIDE // max(pil.size))
+    return pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST) if factor > 1 else pil
+
+
+# -- the tokenizer tab --------------------------------------------------------------------------------------------
+
+@dataclass
+class Reconstructions:
+    counts: list[int]
+    images: list[Image.Image]  # for display; the scores are of the full-resolution tensors
+    captions: list[str]
+    psnr: list[float]
+    ssim: list[float]
+    flat_psnr: float  # each image painted its mean colour: the baseline
+    plot: Image.Image  # PSNR against k
+    seconds: float
+
+
+def _decoding(models: DemoModels, guidance: Optional[float], steps: Optional[str]) -> tuple[float, str]:
+    """The decoder settings to use, checked: the config's where not given."""
+    config = models.tokenizer.config.diffusion
+    guidance = config.guidance if guidance is None else float(guidance)
+    if guidance < 0:
+        raise DemoInputError(f"decoder guidance must be at least 0 (1 is none), got {guidance:g}")
+    steps = str(steps).strip() if steps not in (None, "") else str(config.sample_steps)
+    try:
+        models.tokenizer.process.sampler(steps)
+    except ValueError as e:
+        raise DemoInputError(str(e)) from None
+    return guidance, steps
+
+
+def reconstruct_gallery(models: DemoModels, image: ImageSource, counts: Sequence[Union[int, str]],
+                        guidance: Optional[float] = None, steps: Optional[str] = None, seed: int = 0,
+                        progress: Optional[Progress] = None, step_bars: bool = False) -> Reconstructions:
+    """Reconstructions of one image from its first k tokens, for each k of counts, all from the same noise (seed),
+    with PSNR and SSIM against the input. step_bars: a tqdm bar over each decode's steps (the page tracks it)."""
+    x = input_image(models, image)
+    ks = counts_of(models, counts)
+    guidance, steps = _decoding(models, guidance, steps)
+
+    def on_count(index: int, k: int) -> None:
+        if progress is not None:
+            progress(index / len(ks), f"decoding from the first {k} token{'s' * (k > 1)}")
+
+    start = time.perf_counter()
+    with models.lock:
+        report, by_k = reconstruction_report(models.tokenizer, x, ks, guidance, steps, int(seed), 1, on_count,
+                                             step_bars)
+    seconds = time.perf_counter() - start
+    rows = report["per_tokens"]
+    captions = [f"{row['tokens']} token{'s' * (row['tokens'] > 1)} · PSNR {row['psnr']:.2f} dB · "
+                f"SSIM {row['ssim']:.3f}" for row in rows]
+    psnr, ssim = [row["psnr"] for row in rows], [row["ssim"] for row in rows]
+    return Reconstructions(ks, [display_image(by_k[k][0]) for k in ks], captions, psnr, ssim,
+                           report["flat"]["psnr"], psnr_plot(ks, psnr, ssim, report["flat"]["psnr"],
+                                                             models.num_slots), seconds)
+
+
+def first_k_image(models: DemoModels, image: ImageSource, k: int, guidance: Optional[float] = None,
+                  steps: Optional[str] = None, seed: int = 0) -> tuple[Image.Image, str]:
+    """The image from its first k tokens alone, and its caption (the same noise as the gallery's)."""
+    result = reconstruct_gallery(models, image, [int(k)], guidance, steps, seed)
+    return result.images[0], result.captions[0]
+
+
+def psnr_plot(counts: list[int], psnr: list[float], ssim: list[float], flat_psnr: float,
+              num_slots: int) -> Image.Image:
+    """PSNR (and SSIM) against the number of tokens, beside the flat baseline, as a small PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; a no-op once a figure exists
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 3.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(counts, psnr, "o-", color="tab:blue", label="PSNR")
+    ax.axhline(flat_psnr, color="tab:gray", linestyle="--", linewidth=1, label="flat (mean colour)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(token_counts(num_slots), [str(k) for k in token_counts(num_slots)])
+    ax.set_xlim(0.8, num_slots * 1.25)
+    ax.set_xlabel("first k tokens")
+    ax.set_ylabel("PSNR (dB)", color="tab:blue")
+    ax.set_title("PSNR and SSIM against k", fontsize=9, pad=18)
+    right = ax.twinx()
+    right.plot(counts, ssim, "s:", color="tab:orange", label="SSIM")
+    right.set_ylabel("SSIM", color="tab:orange")
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3,
+              fontsize=8, frameon=False)  # above the axes: inside, it would cover the points
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image.open(BytesIO(buffer.getvalue()))
+
+
+# -- the generation tab -------------------------------------------------------------------------------------------
+
+@dataclass
+class Samples:
+    labels: list[int]
+    images: list[Image.Image]  # for display
+    captions: list[str]
+    grid: Path  # PNG: a row per class
+    archive: Path  # .npz: uint8 images (N, H, W, 3) and their labels, as `semanticist-fast sample` writes
+    seconds: float
+
+
+def class_choices(models: DemoModels) -> list[str]:
+    """The generation tab's class list: 'i: name'."""
+    if models.generation is None:
+        return []
+    return [f"{c}: {name}" for c, name in enumerate(models.generation.class_names)]
+
+
+def classes_of(models: DemoModels, classes: Sequence[Union[int, str]]) -> list[int]:
+    """Class indices from indices, 'i: name' choices or names."""
+    gen = models.generation
+    parsed = []
+    for c in classes:
+        text = str(c).strip()
+        head = text.split(":", 1)[0].strip()
+        if head.lstrip("-").isdigit():
+            label = int(head)
+        elif text in gen.class_names:
+            label = gen.class_names.index(text)
+        else:
+            raise DemoInputError(f"unknown class {text!r}: choose from the list (0..{gen.num_classes - 1})")
+        if not 0 <= label < gen.num_classes:
+            raise DemoInputError(f"class {label} is outside 0..{gen.num_classes - 1}")
+        parsed.append(label)
+    if not parsed:
+        raise DemoInputError("choose at least one class")
+    return list(dict.fromkeys(parsed))
+
+
+def generate_grid(models: DemoModels, classes: Sequence[Union[int, str]], per_class: int = 4,
+                  guidance: Optional[float] = None, guidance_schedule: Optional[str] = None,
+                  temperature: Optional[float] = None, seed: int = 0, progress: Optional[Progress] = None,
+                  step_bars: bool = False) -> Samples:
+    """per_class samples of each class (a grid row each), seeded as `semanticist-fast sample --seed` is, written
+    as a PNG grid and an .npz for download. Unset settings are the run's."""
+    gen = models.generation
+    if gen is None:
+        raise DemoInputError("no AR model: start the demo with --ar RUN (or --compiled DIR) to generate")
+    labels_list = classes_of(models, classes)
+    per_class = int(per_class)
+    if not 1 <= per_class <= MAX_PER_CLASS:
+        raise DemoInputError(f"samples per class must be in 1..{MAX_PER_CLASS}, got {per_class}")
+    if len(labels_list) * per_class > MAX_SAMPLES:
+        raise DemoInputError(f"{len(labels_list)} classes x {per_class} is {len(labels_list) * per_class} images; "
+                             f"the demo draws at most {MAX_SAMPLES} at once")
+    if temperature is not None and not temperature > 0:
+        raise DemoInputError(f"temperature must be above 0, got {temperature:g}")
+    if guidance is not None and guidance < 0:
+        raise DemoInputError(f"class guidance must be at least 0 (1 is none), got {guidance:g}")
+    if guidance_schedule not in (None, "linear", "constant"):
+        raise DemoInputError(f"guidance schedule {guidance_schedule!r}: choose linear or constant")
+    settings = {"guidance": None if guidance is None else float(guidance), "guidance_schedule": guidance_schedule,
+                "temperature": None if temperature is None else float(temperature)}
+    labels = torch.tensor([c for c in labels_list for _ in range(per_class)], device=gen.device)
+    start = time.perf_counter()
+    with models.lock:
+        generator = torch.Generator(gen.device).manual_seed(int(seed))
+        chunks = []
+        for begin in range(0, labels.shape[0], gen.batch_size):
+            if progress is not None:
+                progress(begin / labels.shape[0], f"sampling images {begin + 1}..{labels.shape[0]}")
+            try:
+                chunks.append(gen.draw(labels[begin:begin + gen.batch_size], generator, settings, step_bars).cpu())
+            except ValueError as e:  # settings an export cannot run (e.g. guidance on an unguided export)
+                raise DemoInputError(str(e)) from None
+    images = torch.cat(chunks)
+    seconds = time.perf_counter() - start
+    folder = Path(tempfile.mkdtemp(prefix="samples-", dir=models.out_dir))
+    grid, archive = folder / "samples.png", folder / "samples.npz"
+    save_grid(list(images.view(len(labels_list), per_class, *images.shape[1:])), grid)
+    save_samples(images, labels, archive)
+    return Samples(labels.tolist(), [display_image(x) for x in images],
+                   [f"{c}: {gen.class_names[c]}" for c in labels.tolist()], grid, archive, seconds)
