@@ -216,6 +216,16 @@ def test_generation_grid_and_download(models, runs):
         handlers.generate_grid(models, [0], guidance_schedule="cosine")
 
 
+def test_downloads_stay_bounded(models, monkeypatch):
+    """A long-running server keeps only the newest KEEP_DOWNLOADS requests' files; the newest is always there."""
+    monkeypatch.setattr(handlers, "KEEP_DOWNLOADS", 2)
+    results = [handlers.generate_grid(models, [0], per_class=1, seed=s) for s in range(4)]
+    kept = sorted(p.name for p in models.out_dir.glob("samples-*"))
+    assert len(kept) == 2
+    assert results[-1].grid.is_file() and results[-1].archive.is_file()
+    assert not results[0].grid.exists()
+
+
 def test_generation_with_an_export(models, runs, tmp_path):
     # Uncompiled (torch.export programs: no C++ compiler, seconds); the runtime runs them as it runs AOTInductor's.
     export_sampler(runs[1], tmp_path / "exported", max_batch=4, device="cpu", compile=False, progress=False)

@@ -6,7 +6,9 @@ Every model call holds `DemoModels.lock`, so requests from several browsers run 
 server does. Bad input (no image, a file that is not an image, a huge one, a token count outside 1..K, a decoder
 step spec the tokenizer has no sampler for, too many samples) raises `DemoInputError`, whose message the page shows.
 """
+import atexit
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -35,6 +37,7 @@ MAX_PER_CLASS = 16
 MAX_SAMPLES = 64  # per request: a grid that still answers in seconds on a CPU
 DISPLAY_SIDE = 160  # smaller images are shown enlarged (nearest neighbour, so pixels stay visible)
 EAGER_BATCH = 64  # as `semanticist-fast sample`: the same seed gives the same images
+KEEP_DOWNLOADS = 16  # the newest generation requests whose files stay downloadable; older ones are deleted
 
 Progress = Callable[[float, str], None]  # (fraction done, what runs now)
 ImageSource = Union[str, Path, int]  # an uploaded file, or the index of a built-in held-out image
@@ -145,8 +148,12 @@ def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = 
         generation = _compiled_generation(compiled, ar)
     elif loaded is not None:
         generation = _eager_generation(loaded, ar, tok, tokenizer)
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="semanticist-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
+    if out_dir is None:  # a server left running for days must not fill the disk: removed when the process exits
+        out = Path(tempfile.mkdtemp(prefix="semanticist-demo-"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
     return DemoModels(tok, str(tokenizer), held_out, captions, generation, out)
 
 
@@ -368,5 +375,15 @@ def generate_grid(models: DemoModels, classes: Sequence[Union[int, str]], per_cl
     grid, archive = folder / "samples.png", folder / "samples.npz"
     save_grid(list(images.view(len(labels_list), per_class, *images.shape[1:])), grid)
     save_samples(images, labels, archive)
+    prune_downloads(models.out_dir)
     return Samples(labels.tolist(), [display_image(x) for x in images],
                    [f"{c}: {gen.class_names[c]}" for c in labels.tolist()], grid, archive, seconds)
+
+
+def prune_downloads(out_dir: Path, keep: Optional[int] = None) -> None:
+    """Delete all but the newest `keep` (default KEEP_DOWNLOADS) request folders (samples-*), so the downloads
+    folder stays bounded."""
+    keep = KEEP_DOWNLOADS if keep is None else keep
+    folders = sorted((p for p in Path(out_dir).glob("samples-*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
+    for old in folders[:-keep] if keep > 0 else folders:
+        shutil.rmtree(old, ignore_errors=True)
