@@ -380,10 +380,9 @@ def generate_grid(models: DemoModels, classes: Sequence[Union[int, str]], per_cl
                    [f"{c}: {gen.class_names[c]}" for c in labels.tolist()], grid, archive, seconds)
 
 
-def prune_downloads(out_dir: Path, keep: Optional[int] = None) -> None:
-    """Delete all but the newest `keep` (default KEEP_DOWNLOADS) request folders (samples-*), so the downloads
-    folder stays bounded."""
-    keep = KEEP_DOWNLOADS if keep is None else keep
+def prune_downloads(out_dir: Path) -> None:
+    """Delete all but the newest KEEP_DOWNLOADS request folders (samples-*), so the downloads folder stays bounded.
+    Their names are random (mkdtemp), so age comes from the modification time."""
     folders = sorted((p for p in Path(out_dir).glob("samples-*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
-    for old in folders[:-keep] if keep > 0 else folders:
+    for old in folders[:-KEEP_DOWNLOADS]:
         shutil.rmtree(old, ignore_errors=True)
