@@ -18,10 +18,14 @@ with the online VAE vs the latent cache.
    tiny (CPU: 64 px, a narrow 5-level VAE, a tiny tokenizer) and tokenizer-L (GPU: ViT-B + DiT-L/2 at 256 px with
    MAR's KL-16 architecture, bf16; REPA off, its teacher being another frozen part).
 
-Writes benchmarks/results/bench_data-<device>-<date>.json unless --no-write.
+Baselines: the PIL loader (torchvision-style ImageFolder + DataLoader) is what the reference design and most users
+run; the online VAE encoder is the reference's uncached training (its cached mode stores the same posteriors, so the
+cached side is what the reference's cache gives too, less its fp32 rebuild on every launch). The variants take turns
+(benchmarks/common.py:interleaved); each ratio is the median of the per-round ratios, with its IQR and range.
+Appends a record to the results store (benchmarks/results/history.jsonl) unless --no-write; refuses a dirty tree
+unless --allow-dirty.
 """
 import argparse
-import resource
 import sys
 import tempfile
 import time
@@ -34,7 +38,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import flops  # noqa: E402
-from benchmarks.common import describe_device, sync, time_call, write_result  # noqa: E402
+from benchmarks.common import (add_record_arguments, check_clean, describe_device, interleaved,  # noqa: E402
+                               ratio_stats, sync, write_result)
 from benchmarks.photo_tiles import photo_dir  # noqa: E402
 from semanticist_fast.common.noise import BatchNoise  # noqa: E402
 from semanticist_fast.data.dali import DaliImages  # noqa: E402
@@ -104,26 +109,6 @@ def pixel_tolerance(folder, dali, batch: int) -> dict:
                    "max_abs": max(x for _, x in v)} for name, v in regimes.items() if v}
 
 
-def interleaved(variants: dict, device: torch.device, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Wall-clock and CPU seconds (this process and its loader workers) of each call of each variant, the variants
-    taking turns after one warm-up call each, so that a shared machine's changing load falls on all of them alike.
-    On a busy CPU the CPU seconds say more than the wall clock; on a GPU the wall clock is the figure."""
-    for fn in variants.values():
-        fn()
-    times = {name: {"wall": [], "cpu": []} for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            cpu = _cpu_seconds()
-            times[name]["wall"] += time_call(fn, device, repeats=1, warmup=0)
-            times[name]["cpu"].append(_cpu_seconds() - cpu)
-    return times
-
-
-def _cpu_seconds() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 def passes(epoch, device: torch.device):
     """One whole pass of `epoch()` (an iterable of (images, ...) batches), the images moved to `device`."""
     def one_pass():
@@ -132,15 +117,26 @@ def passes(epoch, device: torch.device):
     return one_pass
 
 
-def compare(epochs: dict, count: int, device: torch.device, repeats: int) -> dict:
-    times = interleaved({name: passes(epoch, device) for name, epoch in epochs.items()}, device, repeats)
+def summarise(wall: dict, cpu: dict, count: int, baseline: str, candidate: str) -> dict:
+    """Median images/s (wall and per CPU second) of each variant, and the candidate's per-round speed-up over the
+    baseline (median and spread; `<candidate>_over_<baseline>` is its median)."""
     out = {}
-    for name, t in times.items():
-        out[f"{name}_images_per_s"] = count / min(t["wall"])
-        out[f"{name}_images_per_cpu_s"] = count / min(t["cpu"])
-    out["dali_over_pil"] = out["dali_images_per_s"] / out["pil_images_per_s"]
-    out["dali_over_pil_cpu"] = out["dali_images_per_cpu_s"] / out["pil_images_per_cpu_s"]
+    for name in wall:
+        out[f"{name}_images_per_s"] = count / median(wall[name])
+        out[f"{name}_images_per_cpu_s"] = count / median(cpu[name])
+        out[f"{name}_all_seconds"] = wall[name]
+    key = f"{candidate}_over_{baseline}"
+    out[f"{key}_stats"] = ratio_stats(wall[baseline], wall[candidate])
+    out[f"{key}_cpu_stats"] = ratio_stats(cpu[baseline], cpu[candidate])
+    out[key] = out[f"{key}_stats"]["median"]
+    out[f"{key}_cpu"] = out[f"{key}_cpu_stats"]["median"]
     return out
+
+
+def compare(epochs: dict, count: int, device: torch.device, repeats: int) -> dict:
+    cpu = {}
+    wall = interleaved({name: passes(epoch, device) for name, epoch in epochs.items()}, device, repeats, cpu=cpu)
+    return summarise(wall, cpu, count, "pil", "dali")
 
 
 def decode_benchmark(args, device: torch.device) -> dict:
@@ -223,13 +219,10 @@ def training_benchmark(args, device: torch.device) -> dict:
     result = {"preset": args.preset, "batch": args.train_batch, "image_size": cfg.image_size,
               "vae_encoder_gflop_per_image": flops.vae_encoder_forward(vae_cfg, cfg.image_size) / 1e9,
               "trained_gflop_per_image": flops.tokenizer_step(cfg, repa=False)["trained_fwd_bwd"] / 1e9}
-    times = interleaved({"online": lambda: step((images, labels)), "cached": lambda: step(cached)}, device,
-                        args.train_steps)
-    for name, t in times.items():
-        result[f"{name}_images_per_s"] = args.train_batch / median(t["wall"])
-        result[f"{name}_images_per_cpu_s"] = args.train_batch / median(t["cpu"])
-    result["cached_over_online"] = result["cached_images_per_s"] / result["online_images_per_s"]
-    result["cached_over_online_cpu"] = result["cached_images_per_cpu_s"] / result["online_images_per_cpu_s"]
+    cpu = {}
+    wall = interleaved({"online": lambda: step((images, labels)), "cached": lambda: step(cached)}, device,
+                       args.train_steps, cpu=cpu)
+    result.update(summarise(wall, cpu, args.train_batch, "online", "cached"))
     sync(device)
     return result
 
@@ -242,13 +235,16 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=256, help="crop size")
     p.add_argument("--batch", type=int, default=32, help="loader batch")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes / DALI threads")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes (the best counts) after one warm-up pass")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (every variant one pass a round) after one "
+                   "warm-up round; the per-round ratios' median counts")
     p.add_argument("--preset", choices=["tiny", "tokenizer-L"], default="tiny", help="training shapes")
     p.add_argument("--train-batch", type=int, default=16)
-    p.add_argument("--train-steps", type=int, default=9, help="timed training steps per variant (the median counts)")
+    p.add_argument("--train-steps", type=int, default=9, help="timed rounds of training steps (one step of each "
+                   "variant a round)")
     p.add_argument("--parts", default="decode,train", help="which measurements: decode, train or both")
-    p.add_argument("--no-write", action="store_true")
+    add_record_arguments(p)
     args = p.parse_args(argv)
+    check_clean(args.allow_dirty, args.no_write)
     device = torch.device(args.device)
     if device.type == "cpu":
         # One intra-op thread: with more, a CPU that other work shares turns OpenMP's waits into noise (steps
@@ -274,7 +270,7 @@ def main(argv=None) -> dict:
               f"{t['cached_images_per_s']:8.1f} img/s   x{t['cached_over_online']:.2f}   (per CPU second: "
               f"x{t['cached_over_online_cpu']:.2f})")
     if not args.no_write:
-        print("wrote", write_result("bench_data", record))
+        print("wrote", write_result("bench_data", record, allow_dirty=args.allow_dirty))
     return record
 
 

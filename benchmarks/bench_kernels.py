@@ -7,12 +7,16 @@ On a GPU it times the Triton kernels, the C++/CUDA ops and the split slot-encode
 smoke run with small shapes (C++ ops and the attention split only: interpreted Triton timings mean nothing).
 GB/s counts the ideal traffic: forward reads every input and writes every output once; forward+backward adds
 reading the output gradients and the inputs again and writing the input gradients.
-Appends its figures to the results store (benchmarks/results/history.jsonl) with the device, date and git commit.
+The baseline is the plain PyTorch reference each fast path replaces (kernels/reference.py: what the model runs
+without the fast paths, i.e. what a user of the reference design runs); --compiled-reference adds torch.compile of
+it, the other thing a user would try. Implementations take turns (benchmarks/common.py:interleaved); the speed-up is
+the median of the per-round ratios, with its IQR and range.
+Appends its figures to the results store (benchmarks/results/history.jsonl) with the device, date and git commit;
+refuses a dirty tree unless --allow-dirty.
 """
 import argparse
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from benchmarks.common import describe_device, write_result  # noqa: E402
+from benchmarks.common import (add_record_arguments, check_clean, describe_device, interleaved,  # noqa: E402
+                               ratio_stats, write_result)
 from semanticist_fast.kernels import dispatch, extension, reference  # noqa: E402
 
 
@@ -44,26 +49,13 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _timer(device: torch.device, fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median milliseconds of fn()."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+def _repeated(fn: Callable[[], object], inner: int) -> Callable[[], None]:
+    """fn called `inner` times per timed call: a kernel of microseconds is timed over several launches, so the
+    synchronisation around each timed call does not dominate."""
+    def calls():
+        for _ in range(inner):
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return calls
 
 
 def _fwd_bwd(fn, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> Callable[[], None]:
@@ -76,7 +68,7 @@ def _fwd_bwd(fn, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> Calla
     return step
 
 
-def run_case(case: Case, device: torch.device, warmup: int, iters: int, compiled_ref: bool) -> list[dict]:
+def run_case(case: Case, device: torch.device, warmup: int, rounds: int, inner: int, compiled_ref: bool) -> list[dict]:
     inputs = case.make_inputs()
     with torch.no_grad():
         outs = _outputs(case.ref(*inputs))
@@ -89,7 +81,7 @@ def run_case(case: Case, device: torch.device, warmup: int, iters: int, compiled
         impls["compiled reference"] = torch.compile(case.ref)
     rows = []
     for mode, nbytes in (("fwd", fwd_bytes), ("fwd+bwd", bwd_bytes)):
-        times = {}
+        steps = {}
         for label, fn in impls.items():
             if mode == "fwd":
                 def step(fn=fn):
@@ -97,11 +89,16 @@ def run_case(case: Case, device: torch.device, warmup: int, iters: int, compiled
                         fn(*inputs)
             else:
                 step = _fwd_bwd(fn, inputs, grads)
-            times[label] = _timer(device, step, warmup, iters)
-        ref_ms = times["reference"]
-        for label, ms in times.items():
+            steps[label] = _repeated(step, inner)
+        times = interleaved(steps, device, rounds=rounds, warmup=warmup)
+        for label, t in times.items():
+            ms = statistics.median(t) / inner * 1e3
+            stats = ratio_stats(times["reference"], t)
             rows.append({"kernel": case.name, "impl": label, "shape": case.shape, "mode": mode, "ms": round(ms, 5),
-                         "speedup_vs_reference": round(ref_ms / ms, 3), "gb_per_s": round(nbytes / ms / 1e6, 2)})
+                         "speedup_vs_reference": round(stats["median"], 3),
+                         "speedup_iqr": [round(stats["q1"], 3), round(stats["q3"], 3)],
+                         "speedup_range": [round(stats["min"], 3), round(stats["max"], 3)],
+                         "gb_per_s": round(nbytes / ms / 1e6, 2)})
     return rows
 
 
@@ -170,19 +167,24 @@ def build_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 100 GPU / 10 CPU)")
-    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None,
+                        help="timed rounds, each calling every implementation in turn (default 30 GPU / 10 CPU)")
+    parser.add_argument("--inner", type=int, default=None,
+                        help="calls per timed call (default 10 GPU / 1 CPU): microsecond kernels timed over several")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 3 GPU / 2 CPU)")
     parser.add_argument("--compiled-reference", action="store_true", help="also time torch.compile(reference)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads (default 1: stable smoke timings on a shared machine)")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not record the result")
+    add_record_arguments(parser)
     args = parser.parse_args()
+    check_clean(args.allow_dirty, args.no_write)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: torch.bfloat16 if gpu else torch.float32}[args.dtype]
-    iters = args.iters or (100 if gpu else 10)
-    warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    iters = args.iters or (30 if gpu else 10)
+    inner = args.inner or (10 if gpu else 1)
+    warmup = args.warmup if args.warmup is not None else (3 if gpu else 2)
     if not gpu:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -190,24 +192,26 @@ def main() -> None:
 
     rows = []
     for case in build_cases(device, dtype):
-        rows += run_case(case, device, warmup, iters, args.compiled_reference)
+        rows += run_case(case, device, warmup, iters, inner, args.compiled_reference)
 
-    print(f"{'kernel':36s} {'mode':8s} {'impl':20s} {'ms':>10s} {'x ref':>7s} {'GB/s':>9s}")
+    print(f"{'kernel':36s} {'mode':8s} {'impl':20s} {'ms':>10s} {'x ref':>7s} {'IQR':>13s} {'GB/s':>9s}")
     for r in rows:
+        iqr = "x{:.2f}-{:.2f}".format(*r["speedup_iqr"])
         print(f"{r['kernel']:36s} {r['mode']:8s} {r['impl']:20s} {r['ms']:10.4f} {r['speedup_vs_reference']:7.2f} "
-              f"{r['gb_per_s']:9.1f}")
+              f"{iqr:>13s} {r['gb_per_s']:9.1f}")
 
     record = {
         "device": describe_device(device),
         "device_kind": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "iters": iters,
+        "inner": inner,
         "compiled_reference": args.compiled_reference,
         "extension": extension.STATUS,
         "results": rows,
     }
     if not args.no_write:
-        print("wrote", write_result("bench_kernels", record))
+        print("wrote", write_result("bench_kernels", record, allow_dirty=args.allow_dirty))
 
 
 if __name__ == "__main__":

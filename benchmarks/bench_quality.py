@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe_device, write_result  # noqa: E402
+from benchmarks.common import add_record_arguments, check_clean, describe_device, write_result  # noqa: E402
 from semanticist_fast.common.files import sha256_file  # noqa: E402
 from semanticist_fast.common.runs import resolve_checkpoint  # noqa: E402
 from semanticist_fast.data.procedural import classify  # noqa: E402
@@ -73,8 +73,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inception-path", default=None, help="also rFID / gFID / IS with these Inception weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-write", action="store_true")
+    add_record_arguments(p)
     args = p.parse_args(argv)
+    check_clean(args.allow_dirty, args.no_write)
     device = torch.device(args.device)
 
     tok = Tokenizer.from_checkpoint(args.tokenizer, device=str(device))
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
         print(f"rFID {fid['rfid']:.3f}" + (f", gFID {fid['gfid']:.3f}, IS {fid['is_mean']:.2f}" if "gfid" in fid else "")
               + ("" if fid["reference_weights"] else " (not torch-fidelity's Inception weights: meaningless)"))
     if not args.no_write:
-        print("wrote", write_result("bench_quality", record))
+        print("wrote", write_result("bench_quality", record, allow_dirty=args.allow_dirty))
     return record
 
 

@@ -5,7 +5,9 @@
 
 Measured: the same training run (the tiny tokenizer, micro shapes, one global batch) on 1 rank (the single engine,
 all cores) and on 2 ranks (ZeRO-2 on gloo, the cores split between them), steady-state images/s from each run's
-metrics.jsonl, and their ratio. On a 2-core CPU this shows the engine's overhead, not a speed-up.
+metrics.jsonl, and their ratio. The baseline is the one-rank run (what a user with one device runs); the runs take
+turns (--rounds of each, benchmarks/common.py:interleaved) and the ratio is the median over the rounds, with its
+spread. On a 2-core CPU this shows the engine's overhead, not a speed-up.
 
 Modelled, per optimizer step and per GPU, for tokenizer-L and AR-L at the published global batch (2048) on 8, 64 and
 256 GPUs: bytes each rank moves (fp32 gradients and weights, ring collectives: (N-1)/N of the volume each way),
@@ -29,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import flops  # noqa: E402
-from benchmarks.common import describe_device, write_result  # noqa: E402
+from benchmarks.common import (add_record_arguments, check_clean, describe_device, format_ratio,  # noqa: E402
+                               interleaved, ratio_stats, write_result)
 from semanticist_fast.models.gpt import GPT, GPTConfig  # noqa: E402
 from semanticist_fast.models.tokenizer import SemanticistTokenizer  # noqa: E402
 
@@ -119,18 +122,30 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-measure", action="store_true", help="the communication model only")
     p.add_argument("--mfu", type=float, default=0.4, help="the compute efficiency the model assumes")
-    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each, taking turns (1 rank, 2 ranks, 2, 1, ...)")
+    add_record_arguments(p)
     args = p.parse_args(argv)
+    check_clean(args.allow_dirty, args.no_write)
     record = {"device": describe_device(torch.device("cpu")), "device_kind": "cpu", "global_batch": GLOBAL_BATCH,
               "assumed_mfu": args.mfu, "peak_bf16_tflops": PEAK_BF16_TFLOPS,
               "links_GBps": {"nvlink": NVLINK_GBPS, "infiniband": IB_GBPS}}
     if not args.skip_measure:
         cores = os.cpu_count() or 1
-        one, two = measure(1, cores), measure(2, cores)
-        record["measured"] = {"one_rank": one, "two_ranks": two,
-                              "ratio_2_over_1": two["images_per_s"] / one["images_per_s"]}
-        print(f"measured (micro tokenizer, batch 32, {cores} cores): 1 rank {one['images_per_s']:.0f} img/s, "
-              f"2 ranks {two['images_per_s']:.0f} img/s, ratio {record['measured']['ratio_2_over_1']:.2f}")
+        runs = {"one_rank": [], "two_ranks": []}
+        interleaved({"one_rank": lambda: runs["one_rank"].append(measure(1, cores)),
+                     "two_ranks": lambda: runs["two_ranks"].append(measure(2, cores))},
+                    torch.device("cpu"), rounds=args.rounds, warmup=0)
+        # Per round, seconds per image of each (the steady-state rates, start-up excluded), so the ratio of a round
+        # is two ranks' images/s over one rank's.
+        stats = ratio_stats([1 / r["images_per_s"] for r in runs["one_rank"]],
+                            [1 / r["images_per_s"] for r in runs["two_ranks"]])
+        record["measured"] = {
+            "baseline": "one rank, the single engine, all cores", "rounds": args.rounds,
+            **{name: {"images_per_s": median(r["images_per_s"] for r in rs), "runs": rs} for name, rs in runs.items()},
+            "ratio_2_over_1": stats["median"], "ratio_2_over_1_stats": stats}
+        m = record["measured"]
+        print(f"measured (micro tokenizer, batch 32, {cores} cores): 1 rank {m['one_rank']['images_per_s']:.0f} "
+              f"img/s, 2 ranks {m['two_ranks']['images_per_s']:.0f} img/s, 2 over 1 {format_ratio(stats)}")
     record["model"] = comm_model(args.mfu)
     print(f"{'workload':>12} {'GPUs':>5} {'img/GPU':>8} {'micro':>5} {'compute ms':>10} {'Z2 GB':>7} {'Z2 eff':>7} "
           f"{'Z3 GB':>7} {'Z3 eff':>7}")
@@ -140,7 +155,7 @@ def main(argv=None) -> dict:
               f"{row['zero2']['bytes_per_gpu'] / 1e9:>7.2f} {row['zero2']['efficiency']:>7.1%} "
               f"{row['zero3']['bytes_per_gpu'] / 1e9:>7.2f} {row['zero3']['efficiency']:>7.1%}")
     if not args.no_write:
-        print("wrote", write_result("bench_scaling", record))
+        print("wrote", write_result("bench_scaling", record, allow_dirty=args.allow_dirty))
     return record
 
 

@@ -8,6 +8,9 @@ optimised: fast kernels (Triton / C++ / flash-attn, the split slot-encoder atten
 the blocks (engine/compile.py), fused AdamW (GPU), bf16 autocast (GPU).
 plain: eager, set_fast_paths(False) (the PyTorch references: SDPA with the boolean encoder mask), torch's default
 unfused AdamW; bf16 autocast on GPU as well (the published recipe trains under it), or fp32 with --plain-fp32.
+plain is the baseline: the reference design's training step in plain PyTorch, what a user would otherwise run.
+Both models are built first; then they take turns, one step each (benchmarks/common.py:interleaved), and the
+speed-up is the median of the per-round ratios, with its IQR and range (speedup_stats).
 Both build the model from the same seed, see the same batch and draw the same diffusion noise, so their first-step
 losses agree up to kernel rounding (and the dropout draws inside compiled blocks).
 
@@ -30,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import flops  # noqa: E402
-from benchmarks.common import describe_device, sync, time_call, write_result  # noqa: E402
+from benchmarks.common import (add_record_arguments, check_clean, describe_device, format_ratio,  # noqa: E402
+                               interleaved, ratio_stats, sync, write_result)
 from semanticist_fast.engine.ema import EMA  # noqa: E402
 from semanticist_fast.engine.optimizer import build_adamw, param_groups  # noqa: E402
 from semanticist_fast.engine.compile import compile_blocks  # noqa: E402
@@ -164,10 +168,22 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, device: torch.device, bf16: bool,
-                use_compile: bool, steps: int, warmup: int, seed: int) -> dict:
-    """Build the model (same seed for every variant), then time whole training steps on the fixed inputs."""
+def _memory_now(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def prepare_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, device: torch.device, bf16: bool,
+                    use_compile: bool, warmup: int, seed: int) -> tuple[Callable[[], torch.Tensor], dict]:
+    """Build the model (same seed for every variant), run its first step and warm-up steps; returns the training
+    step (timed by bench(), in turns with the other variant's) and the start-up figures."""
     set_fast_paths(optimised)
+    _reset_peak_memory(device)
+    resident = _memory_now(device)  # the other variant's model, already built: not this one's
     torch.manual_seed(seed)
     task = work.make_task(device, frozen)
     model = task.model.train()
@@ -201,20 +217,8 @@ def run_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, de
     for _ in range(warmup):
         step()
     sync(device)
-    _reset_peak_memory(device)
-    times = time_call(step, device, repeats=steps, warmup=0)
-    peak = _peak_memory(device)
-    seconds = median(times)
-    return {
-        "compiled_blocks": compiled,
-        "first_step_s": first,
-        "step_s": seconds,
-        "all_step_s": times,
-        "images_per_s": work.batch / seconds,
-        "tflops": work.trained_flops * work.batch / seconds / 1e12,
-        "peak_memory_bytes": peak,
-        "first_step_loss": first_loss,
-    }
+    return step, {"compiled_blocks": compiled, "first_step_s": first, "first_step_loss": first_loss,
+                  "peak_memory_bytes": _peak_memory(device) - resident}
 
 
 def _release(device: torch.device) -> None:
@@ -229,13 +233,24 @@ def bench(work: Workload, device: torch.device, args) -> dict:
     batch, frozen = work.make_inputs(device, work.batch, gen)
     gpu = device.type == "cuda"
     peak = peak_tflops(device, args.peak_tflops)
-    variants = {}
+    variants, steps = {}, {}
     for name, optimised in (("plain", False), ("optimised", True)):
         bf16 = gpu and (optimised or not args.plain_fp32)
         use_compile = optimised and not args.no_compile
-        variants[name] = run_variant(work, batch, frozen, optimised, device, bf16, use_compile, args.steps,
-                                     args.warmup, args.seed)
-        _release(device)
+        steps[name], variants[name] = prepare_variant(work, batch, frozen, optimised, device, bf16, use_compile,
+                                                      args.warmup, args.seed)
+    # The two take turns, a step each (plain, optimised; optimised, plain; ...), the fast-path switch set before
+    # each step, so a shared machine's load falls on both alike.
+    times = interleaved(steps, device, rounds=args.steps, warmup=0,
+                        before={"plain": lambda: set_fast_paths(False), "optimised": lambda: set_fast_paths(True)})
+    set_fast_paths(True)
+    for name, t in times.items():
+        seconds = median(t)
+        variants[name].update(step_s=seconds, all_step_s=t, images_per_s=work.batch / seconds,
+                              tflops=work.trained_flops * work.batch / seconds / 1e12)
+    stats = ratio_stats(times["plain"], times["optimised"])
+    del steps
+    _release(device)
     for v in variants.values():
         v["mfu"] = v["tflops"] / peak if peak else None
     plain, opt = variants["plain"], variants["optimised"]
@@ -244,7 +259,8 @@ def bench(work: Workload, device: torch.device, args) -> dict:
         "flops_per_image": work.flops, "trained_flops_per_image": work.trained_flops,
         "peak_bf16_tflops": peak,
         **variants,
-        "speedup": opt["images_per_s"] / plain["images_per_s"],
+        "speedup": stats["median"],
+        "speedup_stats": stats,
         "memory_ratio": opt["peak_memory_bytes"] / plain["peak_memory_bytes"],
         "loss_rel_diff": abs(opt["first_step_loss"] - plain["first_step_loss"])
         / max(abs(plain["first_step_loss"]), 1e-12),
@@ -260,8 +276,8 @@ def _print(row: dict) -> None:
         mfu = f"{100 * v['mfu']:5.1f}%" if v["mfu"] is not None else "   n/a"
         print(f"  {name:10s} {1e3 * v['step_s']:10.2f} {v['images_per_s']:10.1f} {v['tflops']:9.3f} {mfu} "
               f"{v['peak_memory_bytes'] / 2 ** 20:10.0f} {v['first_step_s']:10.2f} {v['first_step_loss']:10.5f}")
-    print(f"  optimised / plain: x{row['speedup']:.2f} images/s, x{row['memory_ratio']:.2f} peak memory, "
-          f"first-step loss rel. diff {row['loss_rel_diff']:.1e}")
+    print(f"  optimised / plain: {format_ratio(row['speedup_stats'])} images/s, x{row['memory_ratio']:.2f} peak "
+          f"memory, first-step loss rel. diff {row['loss_rel_diff']:.1e}")
 
 
 def main(argv=None) -> dict:
@@ -279,8 +295,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU intra-op threads (default 1: toy shapes on a shared machine only lose to more)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-write", action="store_true", help="print only; do not write a result file")
+    add_record_arguments(p)
     args = p.parse_args(argv)
+    check_clean(args.allow_dirty, args.no_write)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.steps = args.steps or (20 if gpu else 3)
@@ -304,7 +321,7 @@ def main(argv=None) -> dict:
         "steps": args.steps, "warmup": args.warmup, "results": rows,
     }
     if not args.no_write:
-        print("wrote", write_result("bench_train", record))
+        print("wrote", write_result("bench_train", record, allow_dirty=args.allow_dirty))
     return record
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe_device, write_result  # noqa: E402
+from benchmarks.common import add_record_arguments, check_clean, describe_device, write_result  # noqa: E402
 from semanticist_fast.common.files import atomic_write_text  # noqa: E402
 from semanticist_fast.config import load_config  # noqa: E402
 from semanticist_fast.eval.grid import save_grid, token_counts  # noqa: E402
@@ -81,8 +81,9 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default="configs/tokenizer_tiny.yaml")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: those of the built-in demo)")
     p.add_argument("--num-images", type=int, default=64, help="held-out tiles to reconstruct")
-    p.add_argument("--no-write", action="store_true")
+    add_record_arguments(p)
     args = p.parse_args(argv)
+    check_clean(args.allow_dirty, args.no_write)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = Path(args.out)
     train_root, val_root, counts = make_image_folders(out / "tiles")
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
               "train_tiles": num_train, "held_out_tiles": counts_val(counts), "epochs": epochs,
               "train_photos": list(TRAIN_PHOTOS), "held_out_photos": list(HELD_OUT_PHOTOS), "report": report}
     if not args.no_write:
-        print("wrote", write_result("photo_tiles", record))
+        print("wrote", write_result("photo_tiles", record, allow_dirty=args.allow_dirty))
     atomic_write_text(out / "report.json", json.dumps(record, indent=2) + "\n")
     return record
 

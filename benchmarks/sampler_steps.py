@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe_device, write_result  # noqa: E402
+from benchmarks.common import add_record_arguments, check_clean, describe_device, write_result  # noqa: E402
 from semanticist_fast.data.procedural import classify  # noqa: E402
 from semanticist_fast.diffusion.flow import flow_steps  # noqa: E402
 from semanticist_fast.eval.metrics import psnr  # noqa: E402
@@ -113,8 +113,9 @@ def main(argv=None) -> dict:
     p.add_argument("--ar-ddpm", default="", help="an AR run with a ddpm head (default: none)")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--per-class", type=int, default=20)
-    p.add_argument("--no-write", action="store_true")
+    add_record_arguments(p)
     args = p.parse_args(argv)
+    check_clean(args.allow_dirty, args.no_write)
     rows = decoder_rows(args.tokenizer, args.num_images)
     rows += head_rows(args.ar, args.tokenizer, FLOW_HEAD, args.per_class)
     if args.ar_ddpm:
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
               "ar": args.ar, "ar_ddpm": args.ar_ddpm, "num_images": args.num_images, "per_class": args.per_class,
               "rows": rows, "markdown": table}
     if not args.no_write:
-        print("wrote", write_result("sampler_steps", record))
+        print("wrote", write_result("sampler_steps", record, allow_dirty=args.allow_dirty))
     return record
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe_device, write_result  # noqa: E402
+from benchmarks.common import add_record_arguments, check_clean, describe_device, write_result  # noqa: E402
 from semanticist_fast.data.procedural import NUM_SHAPE_TYPES, ProceduralImages, classify  # noqa: E402
 from semanticist_fast.inference import Tokenizer  # noqa: E402
 
@@ -90,8 +90,9 @@ def main(argv=None) -> dict:
     p.add_argument("--train-images", type=int, default=4096)
     p.add_argument("--val-images", type=int, default=512)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--no-write", action="store_true")
+    add_record_arguments(p)
     args = p.parse_args(argv)
+    check_clean(args.allow_dirty, args.no_write)
 
     tok = Tokenizer.from_checkpoint(args.tokenizer, device="cpu")
     size = tok.image_size
@@ -116,7 +117,7 @@ def main(argv=None) -> dict:
     record = {"device": describe_device(torch.device("cpu")), "device_kind": "cpu", "tokenizer": args.tokenizer,
               "samples": args.samples, "num_samples": len(samples), "epochs": args.epochs, "accuracy": scores}
     if not args.no_write:
-        print("wrote", write_result("shape_probe", record))
+        print("wrote", write_result("shape_probe", record, allow_dirty=args.allow_dirty))
     return record
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import describe_device, write_result  # noqa: E402
+from benchmarks.common import add_record_arguments, check_clean, describe_device, write_result  # noqa: E402
 from semanticist_fast.common.runs import latest_checkpoint  # noqa: E402
 from semanticist_fast.config import load_config  # noqa: E402
 from semanticist_fast.eval.grid import save_grid, token_counts  # noqa: E402
@@ -49,8 +49,9 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default="configs/tokenizer_tiny.yaml")
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--num-images", type=int, default=64)
-    p.add_argument("--no-write", action="store_true")
+    add_record_arguments(p)
     args = p.parse_args(argv)
+    check_clean(args.allow_dirty, args.no_write)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
     record = {"device": describe_device(torch.device("cpu")), "device_kind": "cpu", "config": args.config,
               "variants": results}
     if not args.no_write:
-        print("wrote", write_result("tokenizer_ablation", record))
+        print("wrote", write_result("tokenizer_ablation", record, allow_dirty=args.allow_dirty))
     return record
 
 
