@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import common, report, store  # noqa: E402
+from benchmarks import common, figures, report, store  # noqa: E402
 
 
 def train_record(commit: str, device: str, images_per_s: float, mfu) -> dict:
@@ -42,13 +43,58 @@ def test_store_appends_whole_lines_and_imports_each_record_once(tmp_path):
 
 def test_write_result_records_date_commit_and_a_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "STORE", tmp_path / "history.jsonl")
+    monkeypatch.setattr(common, "git_state", lambda: ("abc1234", False))
     monkeypatch.setenv("BENCH_RESULTS_COPY", str(tmp_path / "out" / "history-new.jsonl"))
     path = common.write_result("bench_x", {"device": "cpu", "device_kind": "cpu", "speedup": 1.5})
     assert path == tmp_path / "history.jsonl"
     (record,) = store.read(path)
     assert record["benchmark"] == "bench_x" and record["speedup"] == 1.5
-    assert record["commit"] == common.git_commit() and len(record["date"]) == 16 and "torch" in record
+    assert record["commit"] == "abc1234" and record["dirty"] is False
+    assert len(record["date"]) == 16 and "torch" in record
     assert store.read(tmp_path / "out" / "history-new.jsonl") == [record]
+
+
+def test_a_dirty_tree_is_refused_unless_allowed_and_then_marked(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "STORE", tmp_path / "history.jsonl")
+    monkeypatch.setattr(common, "git_state", lambda: ("abc1234", True))
+    with pytest.raises(common.DirtyTree, match="--allow-dirty"):
+        common.check_clean()
+    with pytest.raises(common.DirtyTree):
+        common.write_result("bench_x", {"device": "cpu"})
+    assert not (tmp_path / "history.jsonl").exists()
+    common.check_clean(no_write=True)  # nothing is recorded: nothing to refuse
+    common.write_result("bench_x", {"device": "cpu"}, allow_dirty=True)
+    (record,) = store.read(tmp_path / "history.jsonl")
+    assert record["dirty"] is True and record["commit"] == "abc1234+dirty" and report.is_dirty(record)
+
+
+def test_interleaved_alternates_the_variants_and_times_every_round():
+    calls = []
+    variants = {name: (lambda name=name: calls.append(name)) for name in "AB"}
+    switched = []
+    times = common.interleaved(variants, torch.device("cpu"), rounds=3, warmup=1,
+                               before={"B": lambda: switched.append(len(calls))})
+    assert "".join(calls) == "ABBAABBA"  # one warm-up round, then three; the first variant rotates
+    assert switched == [1, 2, 5, 6]  # B's setup ran right before each of B's calls
+    assert {k: len(v) for k, v in times.items()} == {"A": 3, "B": 3} and all(t >= 0 for t in times["A"])
+    three = []
+    common.interleaved({n: (lambda n=n: three.append(n)) for n in "ABC"}, torch.device("cpu"), rounds=3, warmup=0)
+    assert "".join(three) == "ABCBCACAB"
+    with pytest.raises(ValueError, match="rounds"):
+        common.interleaved(variants, torch.device("cpu"), rounds=0)
+
+
+def test_ratio_stats_are_per_round():
+    # Rounds of (baseline, candidate) seconds: per-round speed-ups 2, 4, 3, 4.
+    stats = common.ratio_stats([2.0, 4.0, 6.0, 8.0], [1.0, 1.0, 2.0, 2.0])
+    assert stats["per_round"] == [2.0, 4.0, 3.0, 4.0] and stats["rounds"] == 4
+    assert stats["median"] == 3.5 and stats["min"] == 2.0 and stats["max"] == 4.0
+    assert stats["q1"] == pytest.approx(2.75) and stats["q3"] == pytest.approx(4.0)
+    # Not the ratio of medians or of bests: a slow round of the baseline alone counts once.
+    assert common.ratio_stats([1.0, 1.0, 9.0], [1.0, 1.0, 1.0])["median"] == 1.0
+    assert "x3.50" in common.format_ratio(stats) and "IQR x2.75-x4.00" in common.format_ratio(stats)
+    with pytest.raises(ValueError):
+        common.ratio_stats([1.0], [1.0, 2.0])
 
 
 def test_report_figures_plots_and_table(tmp_path):
@@ -79,7 +125,38 @@ def test_report_figures_plots_and_table(tmp_path):
     for name in ("throughput.png", "quality.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "out" / "REPORT.md").read_text()
-    assert "| 20261204T000000Z | c3 | bench_quality | cpu | tiny k=8 | psnr | 20.5 |" in table
+    assert "`bench_quality@20261204T000000Z`: commit c3, cpu" in table and "| tiny k=8 | psnr | 20.5 |  |" in table
+
+
+def test_report_renders_every_record_of_the_store():
+    records = store.read()
+    kinds = {r["benchmark"] for r in records}
+    assert {"bench_sample", "bench_train", "bench_data", "bench_scaling", "sampler_steps", "bench_quality",
+            "tokenizer_ablation", "photo_tiles"} <= kinds
+    table = report.markdown(records)
+    for record in records:
+        rows = report.figures(record)
+        assert rows, f"{report.record_name(record)} has no figures in the report"
+        assert f"`{report.record_name(record)}`" in table
+        series, metric, value = rows[0]
+        assert f"| {series} | {metric} | {value:.4g} |" in table
+    for kind in kinds:
+        assert f"### {kind}" in table
+    dirty = [r for r in records if report.is_dirty(r)]
+    assert all(f"`{report.record_name(r)}`: commit {r['commit']} (dirty)" in table for r in dirty)
+
+
+def test_report_figures_of_the_interleaved_records():
+    stats = common.ratio_stats([3.0, 3.0, 4.0], [1.0, 1.5, 1.0])
+    sample = {"benchmark": "bench_sample", "date": "1", "model": "m", "ours": {"images_per_s": 8.0},
+              "reference": {"images_per_s": 3.0}, "ours_vs_reference": stats, "max_abs_token_diff": 0.0}
+    rows, spread = report.figures_and_spread(sample)
+    assert ("sample m ours_vs_reference", "speedup", 3.0) in rows
+    assert spread["sample m ours_vs_reference", "speedup"] == stats
+    assert "IQR x2.50-x3.50, range x2.00-x4.00, 3 rounds" == report.format_spread(stats)
+    unknown = {"benchmark": "gpu_step", "date": "2", "passed": True, "seconds": 4.0, "detail": {"n": 3}}
+    assert report.figures(unknown) == [("gpu_step", "passed", 1.0), ("gpu_step", "seconds", 4.0),
+                                       ("gpu_step detail", "n", 3.0)]
 
 
 # ---- gpu_suite.sh, with a stand-in for python ----
@@ -132,3 +209,44 @@ def test_gpu_suite_stops_a_step_at_the_budget(tmp_path):
     assert limit and 10 <= int(limit.group(1)) <= 12, summary
     assert "skipped (suite budget spent)" in summary
     assert "bench_kernels" not in summary  # not in --only
+
+
+# ---- the READMEs' figures against the store ----
+
+FIGURE_RECORDS = {
+    "bench_sample@1": {"benchmark": "bench_sample", "date": "1", "commit": "c1", "dirty": False,
+                       "ours_vs_reference": {"median": 2.364}, "ours": {"images_per_s": 17.5},
+                       "rows": [{"batch": 1, "psnr": 18.44}, {"batch": 8, "psnr": 19.0}]},
+    "photo_tiles@2": {"benchmark": "photo_tiles", "date": "2", "commit": "c2+dirty", "psnr": 21.41},
+}
+
+
+def test_figures_match_their_records():
+    ok = ("ours x2.36<!--r:bench_sample@1 ours_vs_reference.median--> at 17.5 img/s<!--r:bench_sample@1--> "
+          "and 19.00 dB<!--r:bench_sample@1 rows[batch=8].psnr--> (1844 %<!--r:bench_sample@1 rows.0.psnr*100-->)")
+    assert figures.check_text(ok, FIGURE_RECORDS) == []
+    assert figures.check_text("a flat 21.4<!--r!:photo_tiles@2--> (dirty)", FIGURE_RECORDS) == []
+    table = "<!--r:bench_sample@1-->\n| batch | img/s | ratio |\n|---|---|---|\n| 1 | 17.5 | x2.36 |\n"
+    assert figures.check_text(table, FIGURE_RECORDS) == []
+    fenced = "<!--r:bench_sample@1-->\n```\n  18.44  19.00\n```\n"
+    assert figures.check_text(fenced, FIGURE_RECORDS) == []
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("x2.37<!--r:bench_sample@1 ours_vs_reference.median-->", "2.37 quoted"),  # another figure
+    ("x2.4<!--r:bench_sample@1 ours_vs_reference.median--> x2.36", "'x2.36' names no record"),  # one unnamed
+    ("20 img/s, or so", "'20 img/s' names no record"),
+    ("x2.36<!--r:bench_sample@9 ours_vs_reference.median-->", "no record bench_sample@9"),
+    ("x2.36<!--r:bench_sample@1 ours.median-->", "no 'median'"),
+    ("19.0<!--r:bench_sample@1 rows[batch=2].psnr-->", "0 items with batch=2"),
+    ("a flat 21.4<!--r:photo_tiles@2-->", "dirty tree"),  # a dirty record cited as if clean
+    ("<!--r:bench_sample@1-->\n| batch | img/s |\n|---|---|\n| 1 | 17.6 |\n", "17.6 in the block"),
+    ("<!--r:bench_sample@1-->\n```\n  18.45\n```\n", "18.45 in the block"),
+])
+def test_figures_that_differ_or_name_nothing_are_reported(text, problem):
+    problems = figures.check_text(text, FIGURE_RECORDS)
+    assert any(problem in p for p in problems), problems
+
+
+def test_the_readmes_quote_only_recorded_figures():
+    assert figures.check() == []
