@@ -250,3 +250,19 @@ def test_figures_that_differ_or_name_nothing_are_reported(text, problem):
 
 def test_the_readmes_quote_only_recorded_figures():
     assert figures.check() == []
+
+
+def test_bench_sample_times_the_reference_sampler_in_turns_with_ours():
+    from benchmarks import bench_sample
+
+    record = bench_sample.main(["--batch", "2", "--head-steps", "3", "--repeats", "2", "--no-cache", "--no-write",
+                                "--device", "cpu"])
+    assert set(record["variants"]) == {"reference", "ours", "no_cache"}
+    assert "twice per SDE step" in record["variants"]["reference"] and "not a baseline" in record["variants"]["no_cache"]
+    for name in ("reference", "ours", "no_cache"):
+        assert len(record[name]["all_seconds"]) == 2
+    stats = record["ours_vs_reference"]
+    assert stats["rounds"] == 2 and stats["min"] <= stats["median"] <= stats["max"]
+    assert stats["per_round"] == [r / o for r, o in zip(record["reference"]["all_seconds"],
+                                                        record["ours"]["all_seconds"])]
+    assert record["max_abs_token_diff"] < 1e-5  # the same noise: the reference's sampler draws the same tokens
