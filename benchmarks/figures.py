@@ -27,9 +27,9 @@ from benchmarks import store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUOTING = [ROOT / "README.md", ROOT / "benchmarks" / "results" / "README.md"]
-MARKER = re.compile(r"<!--\s*r(!?):([\w@]+)((?:\s+[^\s>][^>]*?)?)\s*-->")
+MARKER = re.compile(r"<!--\s*r(!?):(\w+@\w+)((?:\s+[^\s>][^>]*?)?)\s*-->")
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?")
-BEFORE_MARKER = re.compile(r"(-?\d+(?:\.\d+)?)\s?(?:%|dB|img/s|images/s|s)?$")
+BEFORE_MARKER = re.compile(r"((?:(?<![\w>-])-)?\d+(?:\.\d+)?)\s?(?:%|dB|img/s|images/s|s)?$")  # "-->-100": 100
 UNNAMED = re.compile(r"(?<![\w.])x\d+\.\d+(?![\w.])|\d+(?:\.\d+)?\s*(?:img/s|images/s)")
 
 
@@ -83,6 +83,8 @@ def matches(quoted: str, value: float) -> bool:
 
 
 def in_records(quoted: str, records: list[dict]) -> bool:
+    if float(quoted.replace(",", "")) == 0:  # a baseline against itself (+0.00 vs flat) is zero by definition
+        return True
     return any(matches(quoted, v) or matches(quoted, 100 * v) for r in records for v in numbers(r))
 
 
