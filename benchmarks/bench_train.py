@@ -17,7 +17,9 @@ losses agree up to kernel rounding (and the dropout draws inside compiled blocks
 The frozen parts of the tokenizer step are not run: random latents (B, 16, 16, 16) stand in for the VAE encoder and
 a random (B, 256, 768) target for the DINOv2 teacher (REPA on unless --no-repa). TFLOP/s and MFU count the trained
 parts only (3 x forward, benchmarks/flops.py); MFU divides by the dense bf16 peak of the GPU (H100 SXM / H200: 989
-TFLOP/s) or --peak-tflops. Peak memory: torch.cuda.max_memory_allocated on GPU, the process's peak RSS on CPU.
+TFLOP/s) or --peak-tflops. Peak memory, per variant over its first and warm-up steps, less what was resident before
+it was built (both variants stay alive to take turns): torch.cuda.max_memory_allocated on GPU; on CPU the process's
+peak RSS, which allocator caching makes a rough figure.
 Appends a record to the results store (benchmarks/results/history.jsonl) unless --no-write.
 """
 import argparse
