@@ -17,9 +17,9 @@ losses agree up to kernel rounding (and the dropout draws inside compiled blocks
 The frozen parts of the tokenizer step are not run: random latents (B, 16, 16, 16) stand in for the VAE encoder and
 a random (B, 256, 768) target for the DINOv2 teacher (REPA on unless --no-repa). TFLOP/s and MFU count the trained
 parts only (3 x forward, benchmarks/flops.py); MFU divides by the dense bf16 peak of the GPU (H100 SXM / H200: 989
-TFLOP/s) or --peak-tflops. Peak memory, per variant over its first and warm-up steps, less what was resident before
-it was built (both variants stay alive to take turns): torch.cuda.max_memory_allocated on GPU; on CPU the process's
-peak RSS, which allocator caching makes a rough figure.
+TFLOP/s) or --peak-tflops. Peak memory, per variant over its build, first and warm-up steps (both variants stay
+alive to take turns): torch.cuda.max_memory_allocated less what was allocated before its build on GPU; on CPU the
+process's peak RSS, the other variant included: a rough figure.
 Appends a record to the results store (benchmarks/results/history.jsonl) unless --no-write.
 """
 import argparse
@@ -170,22 +170,14 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _memory_now(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def prepare_variant(work: Workload, batch: tuple, frozen: tuple, optimised: bool, device: torch.device, bf16: bool,
                     use_compile: bool, warmup: int, seed: int) -> tuple[Callable[[], torch.Tensor], dict]:
     """Build the model (same seed for every variant), run its first step and warm-up steps; returns the training
     step (timed by bench(), in turns with the other variant's) and the start-up figures."""
     set_fast_paths(optimised)
     _reset_peak_memory(device)
-    resident = _memory_now(device)  # the other variant's model, already built: not this one's
+    # On a GPU the other variant's model, already built, is not this one's; a CPU's RSS has no such split.
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(seed)
     task = work.make_task(device, frozen)
     model = task.model.train()
