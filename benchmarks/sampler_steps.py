@@ -13,7 +13,9 @@
   tiny recipe's ddpm head does not sample in 15 epochs (its tokens diverge with every sampler, the 250-step
   ancestral one included), so it is off by default; tests/test_samplers.py holds DPM-Solver++ to the closed form.
 
-Writes benchmarks/results/sampler_steps-<device>-<date>.json and prints the table as Markdown.
+Its baselines are the many-step samplers named above (what the reference samples with). The seconds each row
+records are one pass, not timed in turns with the others: a cost hint, not a comparison.
+Appends a record to the results store (benchmarks/results/history.jsonl) and prints the table as Markdown.
 """
 import argparse
 import sys

@@ -63,6 +63,9 @@ def test_a_dirty_tree_is_refused_unless_allowed_and_then_marked(tmp_path, monkey
         common.write_result("bench_x", {"device": "cpu"})
     assert not (tmp_path / "history.jsonl").exists()
     common.check_clean(no_write=True)  # nothing is recorded: nothing to refuse
+    monkeypatch.setenv("BENCH_ALLOW_DIRTY", "1")
+    common.check_clean()
+    monkeypatch.delenv("BENCH_ALLOW_DIRTY")
     common.write_result("bench_x", {"device": "cpu"}, allow_dirty=True)
     (record,) = store.read(tmp_path / "history.jsonl")
     assert record["dirty"] is True and record["commit"] == "abc1234+dirty" and report.is_dirty(record)
