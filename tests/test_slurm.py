@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import MICRO_TOKENIZER
 from semanticist_fast.common.runs import list_checkpoints, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,11 +154,37 @@ def test_preempted_twice_requeued_twice_the_job_ends_with_one_process_losses(clu
         assert got[step] == pytest.approx(expected[step], rel=2e-3), step
 
 
-# ---- the requeue decision, with srun standing in (no cluster needed) ----
+# ---- a stop during start-up, and the requeue decision, with srun standing in (no cluster needed) ----
+
+def _blocked_signals(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def test_a_stop_during_start_up_waits_for_the_first_interval(tmp_path):
+    """SIGTERM while the CLI is still importing and building: held, not fatal; the run stops after its first step
+    with a checkpoint and exits 75 (it used to die of the signal, with nothing saved)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "semanticist_fast", "train", "configs/tokenizer_tiny.yaml", "--out",
+                             str(out), *MICRO_TOKENIZER], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not _blocked_signals(proc.pid) >> (signal.SIGTERM - 1) & 1:
+        time.sleep(0.01)
+    assert not (out / "metrics.jsonl").exists()  # still starting
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_RESUMABLE, stderr[-3000:]
+    assert "stopped by SIGTERM after step 1" in stderr
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000001"]
+
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # srun whose ranks, told to stop, end with mixed codes: one checkpoints (75), the other is killed (143).
 echo $$ > "$FAKE_SLURM/srun.pid"
+echo "$@" > "$FAKE_SLURM/srun.args"
 trap 'exit 143' USR1
 [[ -n ${RANKS_EXIT:-} ]] && exit "$RANKS_EXIT"
 while :; do sleep 0.1; done
@@ -196,6 +223,8 @@ def test_a_forwarded_stop_is_requeued_however_the_ranks_exit_codes_mix(tmp_path)
     text, _ = job.communicate(timeout=30)
     assert job.returncode == 143, text
     assert (fake / "calls").read_text().splitlines() == ["scancel --signal=USR1 77", "requeue 77"], text
+    # A rank's exit must not end the others: all of them are checkpointing.
+    assert "--kill-on-bad-exit=0" in (fake / "srun.args").read_text().split()
 
 
 def test_ranks_that_fail_on_their_own_are_not_requeued(tmp_path):
