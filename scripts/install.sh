@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs semanticist-fast into the current Python environment on a fresh machine.
 #   bash scripts/install.sh          runtime (CPU torch 2.13.0, DeepSpeed, pinned) + the C++ extension
-#   bash scripts/install.sh --dev    also the test dependencies, the optional extras (.[eval,dali,demo]) and, where it is
-#                                    missing, Debian's Chromium + chromedriver (the demo's browser test), so the tests cover them
+#   bash scripts/install.sh --dev    also the test dependencies, the optional extras (.[eval,dali,demo]) and, where they
+#                                    are missing, Debian's Chromium + chromedriver (the demo's browser test) and slurm-wlm +
+#                                    munge (the local Slurm cluster of tests/test_slurm.py), so the tests cover them
 # On a CUDA machine, install your torch first, then: pip install -e .
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,12 @@ if [[ "${1:-}" == "--dev" ]]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-liberation >/dev/null
+  fi
+  if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+    # launch/slurm.sbatch is tested on a one-node cluster of this machine, started by scripts/local_slurm.sh.
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
   fi
 fi
 # The extension builds against the torch just installed. No build isolation: nothing to fetch for the build

@@ -431,12 +431,15 @@ def _exit_code(error: BaseException) -> int:
 
 
 def main(argv=None) -> int:
-    from .common.distributed import ranks_from_env
-    from .engine.trainer import EXIT_RESUMABLE, StopRequested
-
     parser = build_parser()
     # Overrides may follow options (`train CFG --out DIR a.b=1`), which plain argparse would refuse.
     args, extra = parser.parse_known_args(argv)
+    if args.fn is cmd_train:  # before the heavy imports: a stop signal during start-up waits for the training loop
+        from .common import signals
+        signals.hold()
+    from .common.distributed import ranks_from_env
+    from .engine.trainer import EXIT_RESUMABLE, StopRequested
+
     if extra:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

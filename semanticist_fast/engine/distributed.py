@@ -113,15 +113,25 @@ def init_world(engine: str, device_name: str, timeout_s: float) -> World:
         torch.cuda.set_device(device)
     world = World(rank, size, local_rank, device, timeout_s)
     if engine == "deepspeed":
+        # DeepSpeed's rendezvous (env://) reads RANK / WORLD_SIZE / LOCAL_RANK, which srun does not set (it sets
+        # SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID): pass on the ranks found.
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(size))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
         if size == 1:  # started without a launcher: a one-rank group on this host
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ValueError(f"{size} ranks need a rendezvous address: set {' and '.join(missing)} (torchrun and the "
+                             "deepspeed launcher set them; under srun, launch/slurm.sbatch sets them from the node "
+                             "list)")
         import torch.distributed as dist
         if not dist.is_initialized():
             import deepspeed
+
+            from .deepspeed_ops import build_deepspeed_ops
+            build_deepspeed_ops(timeout_s)  # before DeepSpeed loads it: a stale JIT-build lock would hang it
             # The deadline is in the process group: every collective, DeepSpeed's own included, inherits it.
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                        auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s))

@@ -14,6 +14,7 @@ What it guarantees:
 - Logging, progress, TensorBoard and previews happen on rank 0 only. Without a terminal the progress bar becomes
   a line per logging interval, at most about one per tenth of the run.
 """
+import contextlib
 import copy
 import json
 import logging
@@ -27,6 +28,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from ..common import signals
 from ..common.device import autocast_for
 from ..common.noise import BatchNoise
 from ..common.runs import report_skipped
@@ -186,73 +188,72 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         count, last_time, last_step = 0, time.perf_counter(), self.step
         last_metrics: dict = {}
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)} \
-            if _in_main_thread() else {}
+        # A stop signal that came during start-up (the CLI held it) arrives here.
+        listening = signals.listening(self._on_signal) if _in_main_thread() else contextlib.nullcontext()
         self.model.train()
-        try:
-            while self.step < end:
-                loader = epoch_loader(self.train_set, self.cfg.batch_size, self.cfg.seed, self.epoch,
-                                      self.step_in_epoch, self.cfg.num_workers, self.device.type == "cuda",
-                                      self.micro_batch, self.world.size, self.world.rank)
-                micro = 0
-                step_bad = torch.zeros((), dtype=torch.bool, device=self.device)
-                for batch in loader:
-                    rows = piece(micro, self.world.rank, self.world.size, self.micro_batch)
-                    rng = BatchNoise(derive_seed(self.cfg.seed, NOISE_STREAM, self.step), self.cfg.batch_size,
-                                     rows, self.device)
-                    with autocast_for(self.device, self.precision_bf16):
-                        loss, metrics = self.loss_fn(batch, self.step, self.epoch, rng)
-                    self.optimizer_step.backward(loss)
-                    step_bad |= ~torch.isfinite(loss.detach())
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0) + v.detach().float()
-                    count += 1
-                    micro += 1
-                    if micro < self.accum:
-                        continue
+        with listening:
+            try:
+                while self.step < end:
+                    loader = epoch_loader(self.train_set, self.cfg.batch_size, self.cfg.seed, self.epoch,
+                                          self.step_in_epoch, self.cfg.num_workers, self.device.type == "cuda",
+                                          self.micro_batch, self.world.size, self.world.rank)
                     micro = 0
-                    lr = lr_at(self.step, self.base_lr, self.warmup_steps, self.total_steps,
-                               self.optim_cfg.schedule, self.optim_cfg.min_lr)
-                    grad_norm = self.optimizer_step.step(lr)
-                    step_bad |= ~torch.isfinite(grad_norm)
-                    self._note_bad_step(step_bad)
                     step_bad = torch.zeros((), dtype=torch.bool, device=self.device)
-                    sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float() * self.accum
-                    self.ema.update()
-                    self.step += 1
-                    self.step_in_epoch += 1
-                    epoch_done = self.step_in_epoch >= self.steps_per_epoch
-                    if epoch_done:  # advance before any checkpoint, so one saved at an epoch's end resumes at the next
-                        self.epoch += 1
-                        self.step_in_epoch = 0
-                        self._report_skipped_files()
-                    progress.update()
-                    if self.step % self.cfg.log_every == 0 or self.step == end:
-                        stop = self._end_interval(sums, count, lr, last_time, last_step, writer, progress)
-                        last_metrics = stop.pop("metrics")
-                        sums, count, last_time, last_step = {}, 0, time.perf_counter(), self.step
-                        if stop["signal"]:
-                            path = self.save()
-                            raise StopRequested(stop["signal"], self.step, path)
-                    if self.step % self.cfg.ckpt_every == 0 or self.step == end:
-                        self.save()
-                        self._preview_at_checkpoint()
-                    elif self.ema_model is not None and self.cfg.preview_every and \
-                            self.step % self.cfg.preview_every == 0 and main:
-                        self._preview(self.ema_model)
-                    if self.step >= end or epoch_done:
-                        break
-        except RuntimeError as e:
-            failure = self.world.collective_error(e, f"training step {self.step + 1}")
-            if failure is None:
-                raise
-            raise failure from e
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            progress.close()
-            if writer is not None:
-                writer.close()
+                    for batch in loader:
+                        rows = piece(micro, self.world.rank, self.world.size, self.micro_batch)
+                        rng = BatchNoise(derive_seed(self.cfg.seed, NOISE_STREAM, self.step), self.cfg.batch_size,
+                                         rows, self.device)
+                        with autocast_for(self.device, self.precision_bf16):
+                            loss, metrics = self.loss_fn(batch, self.step, self.epoch, rng)
+                        self.optimizer_step.backward(loss)
+                        step_bad |= ~torch.isfinite(loss.detach())
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0) + v.detach().float()
+                        count += 1
+                        micro += 1
+                        if micro < self.accum:
+                            continue
+                        micro = 0
+                        lr = lr_at(self.step, self.base_lr, self.warmup_steps, self.total_steps,
+                                   self.optim_cfg.schedule, self.optim_cfg.min_lr)
+                        grad_norm = self.optimizer_step.step(lr)
+                        step_bad |= ~torch.isfinite(grad_norm)
+                        self._note_bad_step(step_bad)
+                        step_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+                        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float() * self.accum
+                        self.ema.update()
+                        self.step += 1
+                        self.step_in_epoch += 1
+                        epoch_done = self.step_in_epoch >= self.steps_per_epoch
+                        if epoch_done:  # advance before any checkpoint: one saved at an epoch's end resumes at the next
+                            self.epoch += 1
+                            self.step_in_epoch = 0
+                            self._report_skipped_files()
+                        progress.update()
+                        if self.step % self.cfg.log_every == 0 or self.step == end:
+                            stop = self._end_interval(sums, count, lr, last_time, last_step, writer, progress)
+                            last_metrics = stop.pop("metrics")
+                            sums, count, last_time, last_step = {}, 0, time.perf_counter(), self.step
+                            if stop["signal"]:
+                                path = self.save()
+                                raise StopRequested(stop["signal"], self.step, path)
+                        if self.step % self.cfg.ckpt_every == 0 or self.step == end:
+                            self.save()
+                            self._preview_at_checkpoint()
+                        elif self.ema_model is not None and self.cfg.preview_every and \
+                                self.step % self.cfg.preview_every == 0 and main:
+                            self._preview(self.ema_model)
+                        if self.step >= end or epoch_done:
+                            break
+            except RuntimeError as e:
+                failure = self.world.collective_error(e, f"training step {self.step + 1}")
+                if failure is None:
+                    raise
+                raise failure from e
+            finally:
+                progress.close()
+                if writer is not None:
+                    writer.close()
         return last_metrics
 
     # -- non-finite guard ----------------------------------------------------------------------------------------------
@@ -302,6 +303,8 @@ class Trainer:
                         "one; their paths are in the warnings above)", self.epoch - 1, self.skipped_files)
 
     def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal:  # launch/slurm.sbatch repeats its request until the ranks are gone
+            return
         self._stop_signal = signum
         log.warning("received %s: stopping at the next logging interval, after writing a checkpoint",
                     signal.Signals(signum).name)
@@ -315,14 +318,14 @@ class Trainer:
         totals = self.world.all_reduce_sum(local, "metrics reduction").tolist()  # the one host sync of the interval
         now = time.perf_counter()  # after the sync, so images/s counts finished work
         metrics = {k: v / (count * self.world.size) for k, v in zip(names, totals)}
-        bad_total, signals = totals[-2], totals[-1]
+        bad_total, stop_requests = totals[-2], totals[-1]
         metrics["skipped_steps"] = bad_total
         metrics["lr"] = lr
         images_per_s = (self.step - last_step) * self.cfg.batch_size / max(now - last_time, 1e-9)
         if self.world.is_main:
             self._log(writer, progress, metrics, images_per_s)
         self._check_nonfinite(bad_total=bad_total)
-        signum = self._stop_signal or (int(signal.SIGTERM) if signals else 0)
+        signum = self._stop_signal or (int(signal.SIGTERM) if stop_requests else 0)
         return {"metrics": metrics, "signal": signum}
 
     def _log(self, writer, progress, metrics: dict, images_per_s: float) -> None:
