@@ -291,9 +291,126 @@ def test_encoder_mask_layout():
     assert torch.equal(mask, (j < 3) | ((i >= 3) & (j <= i)))
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_attention_dispatch_matches_sdpa(is_causal):
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-    inputs = [rand(2, 4, 33, 64, dtype=dtype) for _ in range(3)]
-    check_against_reference(lambda q, k, v: dispatch.attention(q, k, v, is_causal=is_causal),
-                            lambda q, k, v: reference.attention(q, k, v, is_causal=is_causal), inputs, dtype)
+# ---- the flash-attn glue, through the dispatch seam with stand-ins for flash_attn_func ----
+
+
+FLASH_DTYPE = torch.float16  # a flash dtype with the tighter tolerance
+
+
+def _flash_like(q, k, v, scale, causal, bottom_right=True):
+    """What flash-attn computes, on (B, N, H, Dh) tensors, by SDPA: its causal mask is aligned bottom-right."""
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "flash-attn needs a contiguous last dim"
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        offset = lk - lq if bottom_right else 0
+        mask = torch.arange(lk, device=q.device)[None] <= torch.arange(lq, device=q.device)[:, None] + offset
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+def flash_v2(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+             alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash_attn.flash_attn_func's signature and defaults (v2)."""
+    assert dropout_p == 0.0 and window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None
+    return _flash_like(q, k, v, softmax_scale, causal)
+
+
+def flash_v3(q, k, v, softmax_scale=None, causal=False):
+    """flash_attn_interface / flash_attn.cute: no dropout argument at all, returns (out, log-sum-exp)."""
+    return _flash_like(q, k, v, softmax_scale, causal), None
+
+
+def _wrong_layout(q, k, v, softmax_scale=None, causal=False, **_):
+    # Reads (B, N, H, Dh) as if it were (B, H, N, Dh).
+    return _flash_like(*(t.transpose(1, 2).contiguous() for t in (q, k, v)), softmax_scale, causal).transpose(1, 2)
+
+
+WRONG_STAND_INS = {
+    "layout": _wrong_layout,
+    "scale": lambda q, k, v, softmax_scale=None, causal=False, **_: _flash_like(q, k, v, softmax_scale or 1.0, causal),
+    "causal_ignored": lambda q, k, v, softmax_scale=None, causal=False, **_: _flash_like(q, k, v, softmax_scale, False),
+    "causal_top_left": lambda q, k, v, softmax_scale=None, causal=False, **_: _flash_like(q, k, v, softmax_scale,
+                                                                                           causal, bottom_right=False),
+    "dropout_on_by_default": lambda q, k, v, dropout_p=0.1, softmax_scale=None, causal=False, **_: (
+        torch.nn.functional.dropout(_flash_like(q, k, v, softmax_scale, causal), dropout_p)),
+}
+
+
+@pytest.fixture
+def flash_stand_in(monkeypatch):
+    """install(func): the dispatch's flash path calls func (counted) for tensors on this test's device."""
+    calls = []
+
+    def install(func):
+        def counted(*args, **kwargs):
+            calls.append(kwargs)
+            return func(*args, **kwargs)
+        monkeypatch.setitem(dispatch._FLASH, "func", counted)
+        monkeypatch.setitem(dispatch._FLASH, "device_type", DEVICE.type)
+        return calls
+    return install
+
+
+def _attention_cases():
+    """(name, fast, reference, inputs): every call of the dispatch that takes the flash path, beside SDPA."""
+    B, H, N, Dh = 2, 3, 17, 64  # H != N, so a transposed layout cannot pass by accident
+    inputs = [rand(B, H, N, Dh, dtype=FLASH_DTYPE) for _ in range(3)]
+    n_img, n_slots = 11, N - 11
+    mask = dispatch.encoder_attention_mask(n_img, n_slots, DEVICE)
+    return [
+        ("full", lambda q, k, v: dispatch.attention(q, k, v), reference.attention, inputs),
+        ("causal", lambda q, k, v: dispatch.attention(q, k, v, is_causal=True),
+         lambda q, k, v: reference.attention(q, k, v, is_causal=True), inputs),
+        ("slot_split", lambda q, k, v: dispatch.slot_encoder_attention(q, k, v, n_img),
+         lambda q, k, v: reference.attention(q, k, v, attn_mask=mask), inputs),
+    ]
+
+
+@pytest.mark.parametrize("stand_in", [flash_v2, flash_v3], ids=["v2", "v3_v4"])
+@pytest.mark.parametrize("case", range(3), ids=["full", "causal", "slot_split"])
+def test_flash_glue_matches_sdpa(flash_stand_in, stand_in, case):
+    """Layout, default scale, causal alignment (and the slot split built on it), no dropout: as SDPA."""
+    calls = flash_stand_in(stand_in)
+    _, fast, ref, inputs = _attention_cases()[case]
+    check_against_reference(fast, ref, inputs, FLASH_DTYPE)
+    assert calls, "the flash path was not taken: the test compared SDPA with itself"
+    assert all("dropout_p" not in kw for kw in calls)  # flash v3/v4 have no such argument
+
+
+@pytest.mark.parametrize("wrong", WRONG_STAND_INS)
+def test_flash_glue_test_catches_a_wrong_flash(flash_stand_in, wrong):
+    """The comparison above is strict enough: each way of getting flash-attn wrong fails in at least one case."""
+    flash_stand_in(WRONG_STAND_INS[wrong])
+    failures = 0
+    for _, fast, ref, inputs in _attention_cases():
+        try:
+            check_against_reference(fast, ref, inputs, FLASH_DTYPE)
+        except (AssertionError, RuntimeError):  # a wrong result, or shapes a wrong layout cannot even mask
+            failures += 1
+    assert failures > 0, f"a flash-attn stand-in with a wrong {wrong} passed"
+
+
+def test_flash_glue_leaves_what_flash_cannot_do_to_sdpa(flash_stand_in):
+    """Masks, fp32, non-square causal and head dims flash lacks take SDPA; fast paths off never reach flash."""
+    calls = flash_stand_in(flash_v2)
+    q = rand(2, 3, 5, 64, dtype=FLASH_DTYPE)
+    kv = rand(2, 3, 9, 64, dtype=FLASH_DTYPE)
+    dispatch.attention(q, kv, kv, is_causal=True)  # top-left causal over a longer key set
+    dispatch.attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool, device=DEVICE))
+    dispatch.attention(q.float(), q.float(), q.float())
+    odd = rand(2, 3, 5, 20, dtype=FLASH_DTYPE)
+    dispatch.attention(odd, odd, odd)
+    dispatch.set_fast_paths(False)
+    dispatch.attention(q, q, q)
+    assert calls == []
+    dispatch.set_fast_paths(True)
+    dispatch.attention(q, q, q)
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(dispatch._FLASH["func"] is None, reason="flash-attn is not installed (or no GPU)")
+@pytest.mark.parametrize("case", range(3), ids=["full", "causal", "slot_split"])
+def test_installed_flash_attn_matches_sdpa(case):
+    _, fast, ref, inputs = _attention_cases()[case]
+    check_against_reference(fast, ref, inputs, FLASH_DTYPE)
