@@ -169,16 +169,83 @@ def test_triton_ops_compile_fullgraph(tk):
     check_against_reference(torch.compile(block, fullgraph=True, backend=backend), block, inputs, torch.float32)
 
 
-def test_triton_kernels_compile_for_sm90(tmp_path):
-    """The interpreter checks numerics, not lowering: compile every kernel variant to a cubin (no GPU needed)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
+def _run_without_interpreter(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """A fresh Python with compilable (not interpreted) kernels: this process imports them interpreted."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
-    result = subprocess.run([sys.executable, "-m", "semanticist_fast.kernels.triton_aot", "--arch", "90"],
-                            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    """The interpreter checks numerics, not lowering: compile every launch the wrappers make (no GPU needed)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    result = _run_without_interpreter(["-m", "semanticist_fast.kernels.triton_aot", "--arch", "90"], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("ok ") == 20
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    # The widths' block and warp choices, fp16, and autocast's fp32 residual stream with bf16 conditioning.
+    for needle in ("_adaln_fwd_kernel [fp32,bf16,bf16,bf16,bf16,fp32,fp32,fp32,fp32] HAS_RESIDUAL=True HAS_NORM=True "
+                   "BLOCK_C=2048 warps=8",
+                   "_adaln_bwd_kernel [fp16,fp16,fp16,fp16,fp16,fp16,fp32,fp32,fp16,fp16,fp32,fp32,fp32] "
+                   "HAS_RESIDUAL=True HAS_NORM=True BLOCK_C=1024 warps=4",
+                   "_rms_bwd_kernel [fp32,fp32,fp32,fp32,fp32,fp32] BLOCK_C=2048 warps=8",
+                   "_swiglu_bwd_kernel [bf16,bf16,bf16,bf16,bf16] BLOCK=1024 warps=4"):
+        assert any(line.startswith("ok " + needle) for line in lines), needle
+    kernels = {line.split()[1] for line in lines}
+    assert kernels == {f"_{k}_{d}_kernel" for k in ("adaln", "rms", "swiglu") for d in ("fwd", "bwd")}
+    assert len(lines) == len(set(lines)) >= 100
+
+
+def test_aot_widths_are_the_published_model_widths(tmp_path):
+    from semanticist_fast.models.dit import DIT_SIZES
+    from semanticist_fast.models.gpt import GPT_SIZES
+
+    result = _run_without_interpreter(
+        ["-c", "from semanticist_fast.kernels.triton_aot import PUBLISHED_WIDTHS; print(*PUBLISHED_WIDTHS)"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    widths = {int(w) for w in result.stdout.split()}
+    published = {DIT_SIZES[s][1] for s in ("B", "L", "XL")} | {GPT_SIZES[s][2] for s in ("B", "L", "XL")}
+    assert widths == published == {768, 1024, 1152, 1280}
+
+
+MODEL_LAUNCHES = """
+import itertools, sys, torch
+sys.path.insert(0, ".")
+from benchmarks import bench_train
+from semanticist_fast.kernels import dispatch, triton_aot
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+
+def kinds(launches):  # what the dtype enumeration must cover: kernel, flags and pointer dtypes
+    return {(l.kernel.__name__, tuple(v for _, v in l.signature if v.startswith("*")),
+             tuple((k, v) for k, v in l.constexprs if k.startswith("HAS_"))) for l in launches}
+
+dispatch.force_triton(True)
+recorded = []
+with triton_aot._recording(make_backend(GPUTarget("cuda", 90, 32)), recorded):
+    for work, dtype in itertools.product(bench_train.presets("tiny", 2, True), (torch.bfloat16, torch.float16, None)):
+        batch, frozen = work.make_inputs(torch.device("cpu"), 2, torch.Generator().manual_seed(0))
+        task = work.make_task(torch.device("cpu"), frozen)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss, _ = task.loss(task.model.train(), batch, 0, bench_train.NESTING_EPOCH)
+        loss.backward()
+models = kinds(recorded)
+assert len({k[0] for k in models}) == 6, models
+missing = models - kinds(triton_aot.wrapper_launches(widths=(32,)))
+assert not missing, missing
+print(len(models), "kinds of launch, all enumerated")
+"""
+
+
+def test_aot_dtypes_cover_what_the_models_launch_under_autocast(tmp_path):
+    """The tiny tokenizer and AR model, forward and backward in fp32 and under bf16 / fp16 autocast, with the
+    kernels recorded instead of run: every launch's pointer dtypes and flags are among those the AOT check compiles."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    result = _run_without_interpreter(["-c", MODEL_LAUNCHES], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "all enumerated" in result.stdout
 
 
 def test_dispatch_routes(tk, monkeypatch):
