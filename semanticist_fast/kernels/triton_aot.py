@@ -97,9 +97,9 @@ def _recording(backend, out: list):
 
 
 def _backward(outputs, inputs) -> None:
-    outputs = [o for o in (outputs if isinstance(outputs, tuple) else (outputs,))]
-    torch.autograd.grad(sum(o.float().sum() for o in outputs), [t for t in inputs if t.requires_grad],
-                        allow_unused=True)
+    """Runs the backward of outputs (a tensor or a tuple of them) into inputs: the backward kernels' launches."""
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.grad(sum(o.float().sum() for o in outputs), inputs)
 
 
 def _call_wrappers(width: int, stream: torch.dtype, linear: torch.dtype) -> None:
