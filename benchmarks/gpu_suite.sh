@@ -8,7 +8,8 @@
 # Steps: the extension build (only if semanticist_fast._C is missing or has no CUDA kernels), the kernel tests on
 # CUDA (no TRITON_INTERPRET), the GPU-only paths no CPU test reaches (the CUDA-graph replay; the export on CUDA
 # against eager and the CompiledSampler's graphed path against its ungraphed one), bench_kernels, bench_train
-# (tokenizer-L and AR-L: optimised vs plain eager, MFU), bench_sample (AR-L), and the DALI bench if benchmarks/bench_data.py exists. A step that fails or runs past its
+# (tokenizer-L and AR-L: optimised vs plain eager, MFU), bench_sample (AR-L), and the DALI bench if
+# benchmarks/bench_data.py exists. A step that fails or runs past its
 # limit is logged and the suite goes on; the summary at the end lists each step's status and time, the store gets
 # a `gpu_suite` record of each step's pass / fail (benchmarks/suite_record.py), and the exit status is 1 if any
 # step failed.

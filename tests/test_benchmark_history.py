@@ -113,7 +113,8 @@ def test_gpu_suite_is_valid_bash_and_lists_its_steps():
         assert name in r.stdout
     # The GPU-only tests it runs exist (a renamed test would leave the step selecting nothing).
     source = (ROOT / "tests" / "test_export.py").read_text()
-    for test in ("test_graphed_call_replays_and_writes_state_in_place", "test_cuda_export_reproduces_eager_sampling_on_cuda",
+    for test in ("test_graphed_call_replays_and_writes_state_in_place",
+                 "test_cuda_export_reproduces_eager_sampling_on_cuda",
                  "test_compiled_sampler_graphed_path_equals_ungraphed"):
         assert f"def {test}(" in source
     assert "-k graphed_call_replays" in r.stdout and "cuda_export_reproduces or graphed_path_equals" in r.stdout

@@ -266,8 +266,8 @@ def test_unguided_ddpm_export_reproduces_eager(unguided_ddpm, head_sampler, deco
         sampler.decode(torch.zeros(1, 4, 16), decoder_guidance=3.0)
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a GPU: benchmarks/gpu_suite.sh runs it (steps cuda_graph_replay, export_cuda)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: benchmarks/gpu_suite.sh runs it (cuda_graph_replay, export_cuda)")
 
 
 @needs_cuda
