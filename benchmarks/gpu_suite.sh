@@ -6,10 +6,13 @@
 #   bash benchmarks/gpu_suite.sh --only bench_train_tok,bench_sample_ar    # a subset, by step name
 #
 # Steps: the extension build (only if semanticist_fast._C is missing or has no CUDA kernels), the kernel tests on
-# CUDA (no TRITON_INTERPRET), bench_kernels, bench_train (tokenizer-L and AR-L: optimised vs plain eager, MFU),
-# bench_sample (AR-L), and the DALI bench if benchmarks/bench_data.py exists. A step that fails or runs past its
-# limit is logged and the suite goes on; the summary at the end lists each step's status and time, and the exit
-# status is 1 if any step failed.
+# CUDA (no TRITON_INTERPRET), the GPU-only paths no CPU test reaches (the CUDA-graph replay; the export on CUDA
+# against eager and the CompiledSampler's graphed path against its ungraphed one), bench_kernels, bench_train
+# (tokenizer-L and AR-L: optimised vs plain eager, MFU), bench_sample (AR-L), and the DALI bench if
+# benchmarks/bench_data.py exists. A step that fails or runs past its
+# limit is logged and the suite goes on; the summary at the end lists each step's status and time, the store gets
+# a `gpu_suite` record of each step's pass / fail (benchmarks/suite_record.py), and the exit status is 1 if any
+# step failed.
 #
 # Results: every benchmark appends to benchmarks/results/history.jsonl; with $OUT set (the device runner's
 # output folder) each record is appended to $OUT/history-new.jsonl too, and the logs and the summary go to
@@ -58,6 +61,8 @@ step() {
   if (( limit < 10 )); then
     STATUS+=("skipped (suite budget spent)")
     SECONDS_TAKEN+=(0)
+    mkdir -p "$LOGS"
+    step_row "$name" "skipped (suite budget spent)" 0 "$limit"
     return 0
   fi
   mkdir -p "$LOGS"
@@ -75,10 +80,17 @@ step() {
     STATUS+=("FAILED (exit $rc)")
   fi
   SECONDS_TAKEN+=("$took")
+  step_row "$name" "${STATUS[-1]}" "$took" "$limit"
+}
+
+# steps.tsv: each step's name, status, seconds and limit, for the store's gpu_suite record.
+step_row() {
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$LOGS/steps.tsv"
 }
 
 if [[ $DRY_RUN -eq 0 ]]; then
   mkdir -p "$LOGS"
+  rm -f "$LOGS/steps.tsv"
   {
     date -u +"%Y-%m-%dT%H:%M:%SZ"
     git rev-parse --short HEAD 2>/dev/null || echo "no git"
@@ -94,6 +106,10 @@ if [[ "$NEEDS_BUILD" == "1" ]]; then
 fi
 # The kernel tests on CUDA: Triton compiled for real, the C++/CUDA ops, the CUDA sources' compile check.
 step kernel_tests 75 env -u TRITON_INTERPRET "$PY" -m pytest -q -x tests/test_kernels.py tests/test_cuda_compile.py
+# The GPU-only paths (tests/test_export.py, skipped on CPU): the CUDA-graph replay; the tiny models exported on
+# CUDA against eager, and the CompiledSampler's graphed path against its ungraphed one.
+step cuda_graph_replay 30 "$PY" -m pytest -q -x tests/test_export.py -k graphed_call_replays
+step export_cuda 120 "$PY" -m pytest -q -x tests/test_export.py -k "cuda_export_reproduces or graphed_path_equals"
 step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --compiled-reference
 step bench_train_tok 120 "$PY" benchmarks/bench_train.py --preset tokenizer-L --batch 64
 step bench_train_ar 90 "$PY" benchmarks/bench_train.py --preset ar-L --batch 256
@@ -116,4 +132,7 @@ FAILED=0
 } | tee "$LOGS/summary.txt"
 # The summary ran in a pipeline (a subshell): read the outcome back from the statuses.
 for s in "${STATUS[@]}"; do [[ "$s" == ok ]] || FAILED=1; done
+if [[ -s "$LOGS/steps.tsv" ]]; then
+  "$PY" benchmarks/suite_record.py "$LOGS/steps.tsv" || echo "could not write the gpu_suite record" >&2
+fi
 exit $FAILED

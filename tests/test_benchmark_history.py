@@ -166,6 +166,7 @@ def test_report_figures_of_the_interleaved_records():
 
 STAND_IN = """#!/usr/bin/env bash
 case "$*" in
+  *suite_record.py*) echo "recorded: $*" ;;
   *bench_kernels.py*) echo "kernel bench broke"; exit 3 ;;
   *pytest*) sleep "${STAND_IN_TEST_SLEEP:-0}"; echo "tests ran" ;;
   *) echo "ran: $*" ;;
@@ -187,8 +188,16 @@ def test_gpu_suite_is_valid_bash_and_lists_its_steps():
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run"], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    for name in ("kernel_tests", "bench_kernels", "bench_train_tok", "bench_train_ar", "bench_sample_ar"):
+    for name in ("kernel_tests", "cuda_graph_replay", "export_cuda", "bench_kernels", "bench_train_tok",
+                 "bench_train_ar", "bench_sample_ar"):
         assert name in r.stdout
+    # The GPU-only tests it runs exist (a renamed test would leave the step selecting nothing).
+    source = (ROOT / "tests" / "test_export.py").read_text()
+    for test in ("test_graphed_call_replays_and_writes_state_in_place",
+                 "test_cuda_export_reproduces_eager_sampling_on_cuda",
+                 "test_compiled_sampler_graphed_path_equals_ungraphed"):
+        assert f"def {test}(" in source
+    assert "-k graphed_call_replays" in r.stdout and "cuda_export_reproduces or graphed_path_equals" in r.stdout
     assert "--preset tokenizer-L" in r.stdout and "--preset ar-L" in r.stdout and "--size L" in r.stdout
 
 
@@ -201,6 +210,30 @@ def test_gpu_suite_logs_a_failed_step_and_goes_on(tmp_path):
     for name in ("kernel_tests", "bench_train_tok", "bench_train_ar", "bench_sample_ar"):
         assert " ok " in lines[name], summary  # the steps after the failure still ran
     assert "kernel bench broke" in (tmp_path / "out" / "gpu_suite" / "bench_kernels.log").read_text()
+    # Each step's outcome goes to the store through suite_record.py (the stand-in python only echoes the call).
+    rows = [line.split("\t") for line in (tmp_path / "out" / "gpu_suite" / "steps.tsv").read_text().splitlines()]
+    assert [r[0] for r in rows] == [n for n in lines if n in {r[0] for r in rows}] and len(rows) == len(lines)
+    assert ["bench_kernels", "FAILED (exit 3)"] == rows[[r[0] for r in rows].index("bench_kernels")][:2]
+    assert f"recorded: benchmarks/suite_record.py {tmp_path / 'out' / 'gpu_suite' / 'steps.tsv'}" in r.stdout
+
+
+def test_suite_record_writes_each_step_pass_or_fail(tmp_path, monkeypatch):
+    from benchmarks import suite_record
+
+    monkeypatch.setattr(store, "STORE", tmp_path / "history.jsonl")
+    monkeypatch.delenv("BENCH_RESULTS_COPY", raising=False)
+    tsv = tmp_path / "steps.tsv"
+    tsv.write_text("kernel_tests\tok\t41\t75\nexport_cuda\tFAILED (exit 1)\t80\t120\n"
+                   "bench_data\tskipped (suite budget spent)\t0\t3\n")
+    suite_record.main([str(tsv)])
+    (record,) = store.read(tmp_path / "history.jsonl")
+    assert record["benchmark"] == "gpu_suite" and record["passed"] == 1
+    assert record["failed"] == ["export_cuda", "bench_data"]
+    assert record["steps"][1] == {"step": "export_cuda", "status": "FAILED (exit 1)", "passed": False, "seconds": 80,
+                                  "limit_s": 120}
+    tsv.write_text("kernel_tests ok 41 75\n")
+    with pytest.raises(ValueError, match="steps.tsv:1"):
+        suite_record.main([str(tsv)])
 
 
 def test_gpu_suite_stops_a_step_at_the_budget(tmp_path):

@@ -1,9 +1,13 @@
 """The CUDA sources compile on a machine without a GPU.
 
+nvcc: the one on PATH, else the one the dev install brings from PyPI (nvidia-cuda-nvcc with nvidia-cuda-cccl,
+pinned in constraints.txt to the CUDA 13.0 toolkit): on a fresh machine these tests run, they do not skip.
+
 Every csrc/**/*.cu is plain CUDA (no torch headers), so `nvcc -c` alone must build it for sm_90 plus PTX.
 The torch binding of those kernels (csrc/torch/cuda_ops.cpp) is only built by CMake when torch has CUDA;
 it uses only core c10 headers, so it is syntax-checked here against the installed torch as well.
 """
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -15,13 +19,44 @@ import torch.utils.cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc").rglob("*.cu"))
-NVCC = shutil.which("nvcc")
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
 
 
-def _cuda_include() -> Path | None:
+def find_nvcc(path: str | None = None) -> str | None:
+    """nvcc on `path` (default $PATH), else bin/nvcc of the installed nvidia-cuda-nvcc wheel."""
+    on_path = shutil.which("nvcc", path=path)
+    if on_path:
+        return on_path
+    try:
+        wheel = importlib.metadata.distribution("nvidia-cuda-nvcc")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in wheel.files or []:
+        if file.name == "nvcc" and file.parent.name == "bin":
+            return str(file.locate())
+    return None
+
+
+NVCC = find_nvcc()
+NO_TOOLKIT_PATH = "/usr/bin:/bin"  # the host compiler, and no CUDA toolkit
+
+
+@pytest.fixture(scope="module", params=["path", "pypi"])
+def nvcc(request) -> tuple[str, dict]:
+    """(nvcc, environment): the toolkit's from PATH where there is one, and always the PyPI wheel's alone."""
+    if request.param == "path":
+        if shutil.which("nvcc") is None:
+            pytest.skip("no nvcc on PATH (the PyPI one is tested)")
+        return shutil.which("nvcc"), dict(os.environ)
+    found = find_nvcc(path="")
+    if found is None:
+        pytest.fail("nvidia-cuda-nvcc is not installed: bash scripts/install.sh --dev (or pip install -c "
+                    "constraints.txt -r requirements-dev.txt)")
+    return found, {**os.environ, "PATH": NO_TOOLKIT_PATH, "CUDA_HOME": "", "CUDA_PATH": ""}
+
+
+def _cuda_include(nvcc: str, env: dict) -> Path | None:
     """The toolkit's include dir (nvcc may be a wrapper script, so look in the usual homes too)."""
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", Path(NVCC).resolve().parents[1]]
+    homes = [Path(nvcc).resolve().parents[1], env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"]
     for home in homes:
         if home and (Path(home) / "include" / "cuda_runtime_api.h").exists():
             return Path(home) / "include"
@@ -32,27 +67,29 @@ def test_cu_sources_exist():
     assert {p.name for p in CU_FILES} >= {"nested_dropout.cu", "standardize.cu"}
 
 
-@needs_nvcc
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
-def test_nvcc_compiles(source, tmp_path):
-    cmd = [NVCC, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC",
+def test_nvcc_compiles(nvcc, source, tmp_path):
+    nvcc, env = nvcc
+    cmd = [nvcc, "-c", "-std=c++17", "-O2", "-Xcompiler", "-fPIC",
            "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90",
            "-I", str(source.parent), str(source), "-o", str(tmp_path / (source.stem + ".o"))]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / (source.stem + ".o")).stat().st_size > 0
 
 
-@needs_nvcc
-def test_cuda_binding_compiles_against_torch_headers():
-    cxx = shutil.which("c++") or shutil.which("g++")
+def test_cuda_binding_compiles_against_torch_headers(nvcc):
+    nvcc, env = nvcc
+    cxx = shutil.which("c++", path=env["PATH"]) or shutil.which("g++", path=env["PATH"])
     if cxx is None:
         pytest.skip("no host C++ compiler")
-    cuda_include = _cuda_include()
+    cuda_include = _cuda_include(nvcc, env)
     if cuda_include is None:
         pytest.skip("CUDA toolkit headers not found (set CUDA_HOME)")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths()] + [f"-I{cuda_include}"]
+    if (cuda_include / "cccl").is_dir():  # the PyPI layout keeps cccl's headers apart
+        includes.append(f"-I{cuda_include / 'cccl'}")
     cmd = [cxx, "-std=c++20", "-fsyntax-only", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
            str(ROOT / "csrc" / "torch" / "cuda_ops.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -46,7 +46,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def checkpoints(tmp_path_factory):
+    """The tiny random tokenizer and AR checkpoints every export here is made from."""
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     run = micro_tokenizer_run("model.diffusion.sample_steps=euler3")  # 16 px pixel codec, 4 slots, flow decoder
@@ -63,9 +64,14 @@ def exported(tmp_path_factory):
     torch.save({"kind": "autoregressive", "config": {"model": to_dict(cfg), "sample": sample,
                                                      "tokenizer": str(tok_path)},
                 "model": gpt.state_dict(), "ema": gpt.state_dict()}, ar_path)
-    out = root / "compiled"
-    cli("export", str(ar_path), "--out", str(out), "--batch", str(MAX_BATCH), "--device", "cpu")
-    return {"dir": out, "ar": ar_path, "tok": tok_path, "root": root}
+    return {"ar": ar_path, "tok": tok_path, "root": root}
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints):
+    out = checkpoints["root"] / "compiled"
+    cli("export", str(checkpoints["ar"]), "--out", str(out), "--batch", str(MAX_BATCH), "--device", "cpu")
+    return {**checkpoints, "dir": out}
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +266,11 @@ def test_unguided_ddpm_export_reproduces_eager(unguided_ddpm, head_sampler, deco
         sampler.decode(torch.zeros(1, 4, 16), decoder_guidance=3.0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (untested here)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU: benchmarks/gpu_suite.sh runs it (cuda_graph_replay, export_cuda)")
+
+
+@needs_cuda
 def test_graphed_call_replays_and_writes_state_in_place():
     from semanticist_fast.export.cuda_graphs import GraphedCall
 
@@ -276,3 +286,49 @@ def test_graphed_call_replays_and_writes_state_in_place():
         out = graphed(x, torch.tensor([p], device="cuda"), cache)
         torch.testing.assert_close(out, step(x, torch.tensor([p], device="cuda"), ref_cache))
     torch.testing.assert_close(cache, ref_cache)
+
+
+# ---- on CUDA (benchmarks/gpu_suite.sh): the export on CUDA, and the CompiledSampler's graphed path ----
+
+
+@pytest.fixture(scope="module")
+def exported_cuda(checkpoints):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    out = checkpoints["root"] / "compiled_cuda"
+    cli("export", str(checkpoints["ar"]), "--out", str(out), "--batch", str(MAX_BATCH), "--device", "cuda")
+    return {**checkpoints, "dir": out}
+
+
+@needs_cuda
+def test_cuda_export_reproduces_eager_sampling_on_cuda(exported_cuda):
+    """The CUDA packages, stepped without graphs, against the eager models on CUDA with the same noise (the
+    plain PyTorch paths, as the packages trace them)."""
+    from semanticist_fast.kernels import dispatch
+
+    sampler = CompiledSampler.load(exported_cuda["dir"], use_cuda_graphs=False)
+    assert sampler.device.type == "cuda"
+    gpt = load_generator(exported_cuda["ar"], "cuda").gpt
+    tok = Tokenizer.from_checkpoint(exported_cuda["tok"], device="cuda")
+    labels = torch.tensor([0, 3, 4], device="cuda")
+    ours = sampler.sample_images(labels, torch.Generator("cuda").manual_seed(0))
+    dispatch.set_fast_paths(False)
+    try:
+        ref = sample_images(gpt, tok, labels, eager_settings(sampler), torch.Generator("cuda").manual_seed(0))
+    finally:
+        dispatch.set_fast_paths(True)
+    assert ref.shape == (3, 3, 16, 16) and ref.std() > 0.05
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)  # Inductor's CUDA kernels sum in another order
+
+
+@needs_cuda
+def test_compiled_sampler_graphed_path_equals_ungraphed(exported_cuda):
+    """CUDA graphs (the default for a CUDA export) replay the same steps: equal images for every batch size,
+    sampler and setting, captured once per batch and replayed."""
+    graphed = CompiledSampler.load(exported_cuda["dir"])
+    plain = CompiledSampler.load(exported_cuda["dir"], use_cuda_graphs=False)
+    for batch, settings in ((1, {}), (MAX_BATCH, OTHER), (2, {}), (1, OTHER)):
+        labels = torch.arange(batch, device="cuda") % 5
+        ours = graphed.sample_images(labels, torch.Generator("cuda").manual_seed(batch), **settings)
+        ref = plain.sample_images(labels, torch.Generator("cuda").manual_seed(batch), **settings)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

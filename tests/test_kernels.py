@@ -169,16 +169,83 @@ def test_triton_ops_compile_fullgraph(tk):
     check_against_reference(torch.compile(block, fullgraph=True, backend=backend), block, inputs, torch.float32)
 
 
-def test_triton_kernels_compile_for_sm90(tmp_path):
-    """The interpreter checks numerics, not lowering: compile every kernel variant to a cubin (no GPU needed)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
+def _run_without_interpreter(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """A fresh Python with compilable (not interpreted) kernels: this process imports them interpreted."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
-    result = subprocess.run([sys.executable, "-m", "semanticist_fast.kernels.triton_aot", "--arch", "90"],
-                            capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    """The interpreter checks numerics, not lowering: compile every launch the wrappers make (no GPU needed)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    result = _run_without_interpreter(["-m", "semanticist_fast.kernels.triton_aot", "--arch", "90"], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("ok ") == 20
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    # The widths' block and warp choices, fp16, and autocast's fp32 residual stream with bf16 conditioning.
+    for needle in ("_adaln_fwd_kernel [fp32,bf16,bf16,bf16,bf16,fp32,fp32,fp32,fp32] HAS_RESIDUAL=True HAS_NORM=True "
+                   "BLOCK_C=2048 warps=8",
+                   "_adaln_bwd_kernel [fp16,fp16,fp16,fp16,fp16,fp16,fp32,fp32,fp16,fp16,fp32,fp32,fp32] "
+                   "HAS_RESIDUAL=True HAS_NORM=True BLOCK_C=1024 warps=4",
+                   "_rms_bwd_kernel [fp32,fp32,fp32,fp32,fp32,fp32] BLOCK_C=2048 warps=8",
+                   "_swiglu_bwd_kernel [bf16,bf16,bf16,bf16,bf16] BLOCK=1024 warps=4"):
+        assert any(line.startswith("ok " + needle) for line in lines), needle
+    kernels = {line.split()[1] for line in lines}
+    assert kernels == {f"_{k}_{d}_kernel" for k in ("adaln", "rms", "swiglu") for d in ("fwd", "bwd")}
+    assert len(lines) == len(set(lines)) >= 100
+
+
+def test_aot_widths_are_the_published_model_widths(tmp_path):
+    from semanticist_fast.models.dit import DIT_SIZES
+    from semanticist_fast.models.gpt import GPT_SIZES
+
+    result = _run_without_interpreter(
+        ["-c", "from semanticist_fast.kernels.triton_aot import PUBLISHED_WIDTHS; print(*PUBLISHED_WIDTHS)"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    widths = {int(w) for w in result.stdout.split()}
+    published = {DIT_SIZES[s][1] for s in ("B", "L", "XL")} | {GPT_SIZES[s][2] for s in ("B", "L", "XL")}
+    assert widths == published == {768, 1024, 1152, 1280}
+
+
+MODEL_LAUNCHES = """
+import itertools, sys, torch
+sys.path.insert(0, ".")
+from benchmarks import bench_train
+from semanticist_fast.kernels import dispatch, triton_aot
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+
+def kinds(launches):  # what the dtype enumeration must cover: kernel, flags and pointer dtypes
+    return {(l.kernel.__name__, tuple(v for _, v in l.signature if v.startswith("*")),
+             tuple((k, v) for k, v in l.constexprs if k.startswith("HAS_"))) for l in launches}
+
+dispatch.force_triton(True)
+recorded = []
+with triton_aot._recording(make_backend(GPUTarget("cuda", 90, 32)), recorded):
+    for work, dtype in itertools.product(bench_train.presets("tiny", 2, True), (torch.bfloat16, torch.float16, None)):
+        batch, frozen = work.make_inputs(torch.device("cpu"), 2, torch.Generator().manual_seed(0))
+        task = work.make_task(torch.device("cpu"), frozen)
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss, _ = task.loss(task.model.train(), batch, 0, bench_train.NESTING_EPOCH)
+        loss.backward()
+models = kinds(recorded)
+assert len({k[0] for k in models}) == 6, models
+missing = models - kinds(triton_aot.wrapper_launches(widths=(32,)))
+assert not missing, missing
+print(len(models), "kinds of launch, all enumerated")
+"""
+
+
+def test_aot_dtypes_cover_what_the_models_launch_under_autocast(tmp_path):
+    """The tiny tokenizer and AR model, forward and backward in fp32 and under bf16 / fp16 autocast, with the
+    kernels recorded instead of run: every launch's pointer dtypes and flags are among those the AOT check compiles."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    result = _run_without_interpreter(["-c", MODEL_LAUNCHES], tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "all enumerated" in result.stdout
 
 
 def test_dispatch_routes(tk, monkeypatch):
@@ -291,9 +358,126 @@ def test_encoder_mask_layout():
     assert torch.equal(mask, (j < 3) | ((i >= 3) & (j <= i)))
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_attention_dispatch_matches_sdpa(is_causal):
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-    inputs = [rand(2, 4, 33, 64, dtype=dtype) for _ in range(3)]
-    check_against_reference(lambda q, k, v: dispatch.attention(q, k, v, is_causal=is_causal),
-                            lambda q, k, v: reference.attention(q, k, v, is_causal=is_causal), inputs, dtype)
+# ---- the flash-attn glue, through the dispatch seam with stand-ins for flash_attn_func ----
+
+
+FLASH_DTYPE = torch.float16  # a flash dtype with the tighter tolerance
+
+
+def _flash_like(q, k, v, scale, causal, bottom_right=True):
+    """What flash-attn computes, on (B, N, H, Dh) tensors, by SDPA: its causal mask is aligned bottom-right."""
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1, "flash-attn needs a contiguous last dim"
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        offset = lk - lq if bottom_right else 0
+        mask = torch.arange(lk, device=q.device)[None] <= torch.arange(lq, device=q.device)[:, None] + offset
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+def flash_v2(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+             alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash_attn.flash_attn_func's signature and defaults (v2)."""
+    assert dropout_p == 0.0 and window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None
+    return _flash_like(q, k, v, softmax_scale, causal)
+
+
+def flash_v3(q, k, v, softmax_scale=None, causal=False):
+    """flash_attn_interface / flash_attn.cute: no dropout argument at all, returns (out, log-sum-exp)."""
+    return _flash_like(q, k, v, softmax_scale, causal), None
+
+
+def _wrong_layout(q, k, v, softmax_scale=None, causal=False, **_):
+    # Reads (B, N, H, Dh) as if it were (B, H, N, Dh).
+    return _flash_like(*(t.transpose(1, 2).contiguous() for t in (q, k, v)), softmax_scale, causal).transpose(1, 2)
+
+
+WRONG_STAND_INS = {
+    "layout": _wrong_layout,
+    "scale": lambda q, k, v, softmax_scale=None, causal=False, **_: _flash_like(q, k, v, softmax_scale or 1.0, causal),
+    "causal_ignored": lambda q, k, v, softmax_scale=None, causal=False, **_: _flash_like(q, k, v, softmax_scale, False),
+    "causal_top_left": lambda q, k, v, softmax_scale=None, causal=False, **_: _flash_like(q, k, v, softmax_scale,
+                                                                                           causal, bottom_right=False),
+    "dropout_on_by_default": lambda q, k, v, dropout_p=0.1, softmax_scale=None, causal=False, **_: (
+        torch.nn.functional.dropout(_flash_like(q, k, v, softmax_scale, causal), dropout_p)),
+}
+
+
+@pytest.fixture
+def flash_stand_in(monkeypatch):
+    """install(func): the dispatch's flash path calls func (counted) for tensors on this test's device."""
+    calls = []
+
+    def install(func):
+        def counted(*args, **kwargs):
+            calls.append(kwargs)
+            return func(*args, **kwargs)
+        monkeypatch.setitem(dispatch._FLASH, "func", counted)
+        monkeypatch.setitem(dispatch._FLASH, "device_type", DEVICE.type)
+        return calls
+    return install
+
+
+def _attention_cases():
+    """(name, fast, reference, inputs): every call of the dispatch that takes the flash path, beside SDPA."""
+    B, H, N, Dh = 2, 3, 17, 64  # H != N, so a transposed layout cannot pass by accident
+    inputs = [rand(B, H, N, Dh, dtype=FLASH_DTYPE) for _ in range(3)]
+    n_img, n_slots = 11, N - 11
+    mask = dispatch.encoder_attention_mask(n_img, n_slots, DEVICE)
+    return [
+        ("full", lambda q, k, v: dispatch.attention(q, k, v), reference.attention, inputs),
+        ("causal", lambda q, k, v: dispatch.attention(q, k, v, is_causal=True),
+         lambda q, k, v: reference.attention(q, k, v, is_causal=True), inputs),
+        ("slot_split", lambda q, k, v: dispatch.slot_encoder_attention(q, k, v, n_img),
+         lambda q, k, v: reference.attention(q, k, v, attn_mask=mask), inputs),
+    ]
+
+
+@pytest.mark.parametrize("stand_in", [flash_v2, flash_v3], ids=["v2", "v3_v4"])
+@pytest.mark.parametrize("case", range(3), ids=["full", "causal", "slot_split"])
+def test_flash_glue_matches_sdpa(flash_stand_in, stand_in, case):
+    """Layout, default scale, causal alignment (and the slot split built on it), no dropout: as SDPA."""
+    calls = flash_stand_in(stand_in)
+    _, fast, ref, inputs = _attention_cases()[case]
+    check_against_reference(fast, ref, inputs, FLASH_DTYPE)
+    assert calls, "the flash path was not taken: the test compared SDPA with itself"
+    assert all("dropout_p" not in kw for kw in calls)  # flash v3/v4 have no such argument
+
+
+@pytest.mark.parametrize("wrong", WRONG_STAND_INS)
+def test_flash_glue_test_catches_a_wrong_flash(flash_stand_in, wrong):
+    """The comparison above is strict enough: each way of getting flash-attn wrong fails in at least one case."""
+    flash_stand_in(WRONG_STAND_INS[wrong])
+    failures = 0
+    for _, fast, ref, inputs in _attention_cases():
+        try:
+            check_against_reference(fast, ref, inputs, FLASH_DTYPE)
+        except (AssertionError, RuntimeError):  # a wrong result, or shapes a wrong layout cannot even mask
+            failures += 1
+    assert failures > 0, f"a flash-attn stand-in with a wrong {wrong} passed"
+
+
+def test_flash_glue_leaves_what_flash_cannot_do_to_sdpa(flash_stand_in):
+    """Masks, fp32, non-square causal and head dims flash lacks take SDPA; fast paths off never reach flash."""
+    calls = flash_stand_in(flash_v2)
+    q = rand(2, 3, 5, 64, dtype=FLASH_DTYPE)
+    kv = rand(2, 3, 9, 64, dtype=FLASH_DTYPE)
+    dispatch.attention(q, kv, kv, is_causal=True)  # top-left causal over a longer key set
+    dispatch.attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool, device=DEVICE))
+    dispatch.attention(q.float(), q.float(), q.float())
+    odd = rand(2, 3, 5, 20, dtype=FLASH_DTYPE)
+    dispatch.attention(odd, odd, odd)
+    dispatch.set_fast_paths(False)
+    dispatch.attention(q, q, q)
+    assert calls == []
+    dispatch.set_fast_paths(True)
+    dispatch.attention(q, q, q)
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(dispatch._FLASH["func"] is None, reason="flash-attn is not installed (or no GPU)")
+@pytest.mark.parametrize("case", range(3), ids=["full", "causal", "slot_split"])
+def test_installed_flash_attn_matches_sdpa(case):
+    _, fast, ref, inputs = _attention_cases()[case]
+    check_against_reference(fast, ref, inputs, FLASH_DTYPE)

@@ -139,11 +139,13 @@ def _import_flash_attn():
     return None
 
 
-_FLASH = {"func": _import_flash_attn() if torch.cuda.is_available() else None}
+# The seam of the flash path: "func" is a flash_attn_func taking (B, N, H, Dh) tensors, used for tensors on
+# "device_type". Tests put a stand-in here (backed by SDPA, on CPU) to hold the glue below to SDPA.
+_FLASH = {"func": _import_flash_attn() if torch.cuda.is_available() else None, "device_type": "cuda"}
 
 
 def _flash_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    return (_FAST["enabled"] and _FLASH["func"] is not None and q.is_cuda
+    return (_FAST["enabled"] and _FLASH["func"] is not None and q.device.type == _FLASH["device_type"]
             and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
             and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
             and q.shape[1] == k.shape[1] == v.shape[1])

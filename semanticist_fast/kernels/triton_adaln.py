@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import add, next_power_of_2, num_warps_for, on_device, rows_per_program
+from .triton_common import add, on_device, row_launch, rows_per_program
 
 
 @triton.jit
@@ -106,12 +106,12 @@ def _launch_fwd(x: Tensor, gate: Tensor | None, y: Tensor | None, shift: Tensor 
     out = torch.empty_like(h) if has_norm else h
     mean = torch.empty(B * N if has_norm else 0, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    block = next_power_of_2(C)
+    block, warps = row_launch(C)
     with on_device(x):
         _adaln_fwd_kernel[(B * N,)](
             x, gate if has_res else x, y if has_res else x, shift if has_norm else x, scale if has_norm else x,
             h, out, mean if has_norm else x, rstd if has_norm else x, N, C, eps,
-            HAS_RESIDUAL=has_res, HAS_NORM=has_norm, BLOCK_C=block, num_warps=num_warps_for(block),
+            HAS_RESIDUAL=has_res, HAS_NORM=has_norm, BLOCK_C=block, num_warps=warps,
         )
     return h, out, mean, rstd
 
@@ -128,13 +128,13 @@ def _launch_bwd(g_out: Tensor | None, g_h: Tensor | None, h: Tensor, x_dtype: to
     dy = torch.empty_like(y) if has_res else empty
     partials = [torch.empty(B, n_chunks, C, dtype=torch.float32, device=h.device) if on else empty
                 for on in (has_res, has_norm, has_norm)]
-    block = next_power_of_2(C)
+    block, warps = row_launch(C)
     with on_device(h):
         _adaln_bwd_kernel[(B, n_chunks)](
             g_out if has_norm else h, g_h if has_res else h, h, gate if has_res else h, y if has_res else h,
             scale if has_norm else h, mean if has_norm else h, rstd if has_norm else h,
             dx, dy if has_res else dx, *(p if p.numel() else dx for p in partials), N, C, rows,
-            HAS_RESIDUAL=has_res, HAS_NORM=has_norm, BLOCK_C=block, num_warps=num_warps_for(block),
+            HAS_RESIDUAL=has_res, HAS_NORM=has_norm, BLOCK_C=block, num_warps=warps,
         )
     dgate, dshift, dscale = (p.sum(1) if p.numel() else p for p in partials)
     return dx, dy, dgate, dshift, dscale

@@ -27,6 +27,16 @@ def num_warps_for(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
+def row_launch(width: int) -> tuple[int, int]:
+    """(BLOCK_C, num_warps) of a kernel that holds one row of `width` in registers (the norms, adaLN).
+
+    The one place the row kernels' launch shape is chosen: the wrappers call it, and so does the compile check
+    (triton_aot.py), which therefore compiles what a run launches.
+    """
+    block = next_power_of_2(width)
+    return block, num_warps_for(block)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import add, next_power_of_2, num_warps_for, on_device, rows_per_program
+from .triton_common import add, on_device, row_launch, rows_per_program
 
 
 @triton.jit
@@ -50,9 +50,9 @@ def _rms(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     M = x.numel() // C
     out = torch.empty_like(x)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    block = next_power_of_2(C)
+    block, warps = row_launch(C)
     with on_device(x):
-        _rms_fwd_kernel[(M,)](x, weight, out, rstd, C, eps, BLOCK_C=block, num_warps=num_warps_for(block))
+        _rms_fwd_kernel[(M,)](x, weight, out, rstd, C, eps, BLOCK_C=block, num_warps=warps)
     return out, rstd
 
 
@@ -69,10 +69,10 @@ def _rms_bwd(g: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor
     n_chunks = -(-M // rows)
     dx = torch.empty_like(x)
     dw_partial = torch.empty(n_chunks, C, dtype=torch.float32, device=x.device)
-    block = next_power_of_2(C)
+    block, warps = row_launch(C)
     with on_device(x):
         _rms_bwd_kernel[(n_chunks,)](g, x, weight, rstd, dx, dw_partial, M, C, rows,
-                                     BLOCK_C=block, num_warps=num_warps_for(block))
+                                     BLOCK_C=block, num_warps=warps)
     return dx, dw_partial.sum(0)
 
 

@@ -6,7 +6,15 @@ from torch import Tensor
 
 from .triton_common import on_device
 
-_BLOCK = 1024
+
+
+def elementwise_launch(numel: int) -> tuple[int, int, int]:
+    """(programs, BLOCK, num_warps) of the elementwise kernels: 1024 elements, 4 warps (8 per thread) a program.
+
+    The wrappers call it, and so does the compile check (triton_aot.py).
+    """
+    block = 1024
+    return triton.cdiv(numel, block), block, 4
 
 
 @triton.jit
@@ -37,8 +45,9 @@ def _swiglu_bwd_kernel(G, A, B, DA, DB, numel, BLOCK: tl.constexpr):
 def _swiglu(a: Tensor, b: Tensor) -> Tensor:
     out = torch.empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
     n = a.numel()
+    programs, block, warps = elementwise_launch(n)
     with on_device(a):
-        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](a, b, out, n, BLOCK=_BLOCK, num_warps=4)
+        _swiglu_fwd_kernel[(programs,)](a, b, out, n, BLOCK=block, num_warps=warps)
     return out
 
 
@@ -51,8 +60,9 @@ def _(a, b):
 def _swiglu_bwd(g: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     da, db = torch.empty_like(a), torch.empty_like(b)
     n = a.numel()
+    programs, block, warps = elementwise_launch(n)
     with on_device(a):
-        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](g, a, b, da, db, n, BLOCK=_BLOCK, num_warps=4)
+        _swiglu_bwd_kernel[(programs,)](g, a, b, da, db, n, BLOCK=block, num_warps=warps)
     return da, db
 
 
