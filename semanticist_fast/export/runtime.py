@@ -39,6 +39,24 @@ class Program:
         return self.run(*(a.contiguous() for a in args))
 
 
+def load_programs(directory: Path, manifest: dict, graphs: bool) -> dict[str, Callable]:
+    """The manifest's packages, the GRAPHED ones wrapped to replay from CUDA graphs when graphs is on.
+
+    Under graphs every package loads with run_single_threaded=True: by default an AOTI model container hands its
+    calls to a pool of model instances and queries CUDA events to reclaim one, which is illegal while a stream is
+    capturing ("operation not permitted when stream is capturing"); the single-threaded container does neither."""
+    programs = {}
+    for name, spec in manifest["programs"].items():
+        file = str(directory / spec["file"])
+        program = Program(torch._inductor.aoti_load_package(file, run_single_threaded=graphs) if manifest["compiled"]
+                          else torch.export.load(file).module())
+        if graphs and name in GRAPHED:
+            start = GRAPHED[name]
+            program = GraphedCall(program, range(start, len(spec["inputs"])) if start is not None else ())
+        programs[name] = program
+    return programs
+
+
 class CompiledSampler:
     def __init__(self, directory: Path, manifest: dict, programs: dict[str, Callable], device: torch.device):
         self.directory, self.manifest, self.programs, self.device = directory, manifest, programs, device
@@ -72,16 +90,7 @@ class CompiledSampler:
         if manifest["torch"] != torch.__version__:
             warnings.warn(f"{directory} was exported with torch {manifest['torch']} and this is torch "
                           f"{torch.__version__}; if it fails to load or run, re-export it with this torch")
-        programs = {}
-        for name, spec in manifest["programs"].items():
-            file = str(directory / spec["file"])
-            program = Program(torch._inductor.aoti_load_package(file) if manifest["compiled"]
-                              else torch.export.load(file).module())
-            if graphs and name in GRAPHED:
-                start = GRAPHED[name]
-                program = GraphedCall(program, range(start, len(spec["inputs"])) if start is not None else ())
-            programs[name] = program
-        return cls(directory, manifest, programs, device)
+        return cls(directory, manifest, load_programs(directory, manifest, graphs), device)
 
     # -- settings ------------------------------------------------------------------------------------------------
     def resolved(self, **overrides) -> dict:
