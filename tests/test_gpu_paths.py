@@ -91,3 +91,23 @@ def test_zero_step_reports_a_skipped_step_as_an_infinite_norm():
     assert out.dtype == torch.float32 and torch.isinf(out)
     with pytest.raises(RuntimeError, match="compute_grad_norm"):
         _zero_step(None).step(lr=1e-3)
+
+
+# ---- 6. a bf16 teacher keeps DINOv2's fp32 constants --------------------------------------------------------------
+def test_bf16_teacher_keeps_fp32_preprocessing_and_position_embedding():
+    from semanticist_fast.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD, small_test_dinov2
+
+    model, _ = small_test_dinov2()
+    pos_fp32 = model.pos_embed_resized.clone()
+    assert pos_fp32.shape[1] != model.pos_embed.shape[1]  # resampled (56 px input, 98 px stored grid)
+    model.to(torch.bfloat16)  # what the tokenizer task does to its teacher on a GPU
+    assert model.patch_embed.proj.weight.dtype == torch.bfloat16 and model.pos_embed.dtype == torch.bfloat16
+    assert model.image_mean.dtype == model.image_std.dtype == model.pos_embed_resized.dtype == torch.float32
+    torch.testing.assert_close(model.pos_embed_resized, pos_fp32, rtol=0, atol=0)
+    # The official preprocessing: bicubic resize, then torchvision's Normalize with the fp32 ImageNet constants.
+    images = torch.rand(2, 3, 70, 70, generator=torch.Generator().manual_seed(0))
+    resized = torch.nn.functional.interpolate(images, size=(56, 56), mode="bicubic")
+    expected = (resized - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.preprocess(images), expected, rtol=0, atol=0)
+    model.to(torch.float32)  # a later cast back leaves the constants as they were
+    torch.testing.assert_close(model.pos_embed_resized, pos_fp32, rtol=0, atol=0)
