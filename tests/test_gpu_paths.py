@@ -111,3 +111,77 @@ def test_bf16_teacher_keeps_fp32_preprocessing_and_position_embedding():
     torch.testing.assert_close(model.preprocess(images), expected, rtol=0, atol=0)
     model.to(torch.float32)  # a later cast back leaves the constants as they were
     torch.testing.assert_close(model.pos_embed_resized, pos_fp32, rtol=0, atol=0)
+
+
+# ---- 4. flash-attn v4 only where it can run: its head dims, outside a compile trace -------------------------------
+def _sdpa_blhd(q, k, v, causal=False):
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           is_causal=causal)
+    return out.transpose(1, 2)
+
+
+@pytest.fixture
+def flash_v4_and_v2(monkeypatch):
+    """Stand-ins for flash-attn v4 (flash_attn.cute: launches from Python, which dynamo cannot trace) and v2,
+    installed as modules, v3 absent; the dispatch re-imports them."""
+    import types
+
+    from semanticist_fast.kernels import dispatch
+
+    calls = {"v4": 0, "v2": 0}
+
+    def v4(q, k, v, causal=False):
+        calls["v4"] += 1
+        torch._dynamo.graph_break()  # what cute.compile / dlpack do to a trace
+        return _sdpa_blhd(q, k, v, causal), None  # v4 also returns the log-sum-exp
+
+    def v2(q, k, v, causal=False):
+        calls["v2"] += 1
+        return _sdpa_blhd(q, k, v, causal)
+
+    v2_module, v4_module = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    v2_module.flash_attn_func, v4_module.flash_attn_func, v2_module.cute = v2, v4, v4_module
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn_interface", None)  # v3: not installed
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn", v2_module)
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn.cute", v4_module)
+    monkeypatch.setattr(dispatch, "_FLASH", dispatch._import_flash_attn())
+    assert dispatch._FLASH["func"] is v4 and dispatch._FLASH["fallback"] is v2
+    return dispatch, calls
+
+
+def _qkv(head_dim: int):
+    g = torch.Generator().manual_seed(head_dim)
+    return [torch.randn(2, 3, 10, head_dim, generator=g) for _ in range(3)]  # (B, H, N, Dh)
+
+
+def test_flash_v4_takes_its_head_dims_eagerly_and_v2_the_others(flash_v4_and_v2):
+    dispatch, calls = flash_v4_and_v2
+    for head_dim, used in ((64, "v4"), (72, "v2"), (128, "v4")):
+        q, k, v = _qkv(head_dim)
+        before = dict(calls)
+        out = dispatch._flash(q, k, v, causal=True)
+        assert {name: calls[name] - before[name] for name in calls} == {"v4": used == "v4", "v2": used == "v2"}
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_flash_v4_is_never_traced_by_a_fullgraph_compile(flash_v4_and_v2):
+    dispatch, calls = flash_v4_and_v2
+    q, k, v = _qkv(64)
+    compiled = torch.compile(lambda q, k, v: dispatch._flash(q, k, v, causal=False) * 2, fullgraph=True,
+                             backend="eager")
+    torch._dynamo.reset()
+    out = compiled(q, k, v)
+    assert calls["v4"] == 0 and calls["v2"] >= 1
+    torch.testing.assert_close(out, 2 * torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_without_a_traceable_flash_the_compiled_and_odd_head_dim_paths_take_sdpa(flash_v4_and_v2, monkeypatch):
+    dispatch, calls = flash_v4_and_v2
+    monkeypatch.setitem(dispatch._FLASH, "fallback", None)  # v4 alone
+    assert dispatch._flash_func(_qkv(72)[0]) is None
+    assert dispatch._flash_func(_qkv(96)[0]) is dispatch._FLASH["func"]
+    picked = []
+    torch._dynamo.reset()
+    torch.compile(lambda q: picked.append(dispatch._flash_func(q)) or q + 1, fullgraph=True, backend="eager")(
+        _qkv(64)[0])
+    assert picked == [None]
