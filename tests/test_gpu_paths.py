@@ -185,3 +185,170 @@ def test_without_a_traceable_flash_the_compiled_and_odd_head_dim_paths_take_sdpa
     torch.compile(lambda q: picked.append(dispatch._flash_func(q)) or q + 1, fullgraph=True, backend="eager")(
         _qkv(64)[0])
     assert picked == [None]
+
+
+# ---- 2. the sampling precision: bf16 autocast and TF32 on a GPU, by one setting ---------------------------------
+def test_precision_settings_per_device():
+    from semanticist_fast.common.device import effective_precision, precision_settings
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert precision_settings(cuda, "bf16") == (True, "high", True)
+    assert precision_settings(cuda, "tf32") == (False, "high", True)
+    assert precision_settings(cuda, "fp32") == (False, "highest", False)
+    assert all(precision_settings(cpu, p) == (False, None, None) for p in ("bf16", "tf32", "fp32"))
+    assert effective_precision(cuda, "bf16") == "bf16" and effective_precision(cpu, "bf16") == "fp32"
+    with pytest.raises(ValueError, match="'fp16'.*bf16.*tf32.*fp32"):
+        precision_settings(cuda, "fp16")
+
+
+@pytest.mark.parametrize("precision, autocast, matmul, cudnn", [("bf16", True, "high", True),
+                                                                ("tf32", False, "high", True),
+                                                                ("fp32", False, "highest", False)])
+def test_inference_precision_on_a_gpu_device_sets_and_restores(monkeypatch, precision, autocast, matmul, cudnn):
+    import contextlib
+
+    from semanticist_fast.common.device import inference_precision
+
+    entered = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: entered.append((device_type, dtype))
+                        or contextlib.nullcontext())  # a CPU build of torch disables CUDA autocast on entry
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("medium")  # a user's own setting comes back afterwards
+    try:
+        with inference_precision(torch.device("cuda"), precision):
+            assert torch.get_float32_matmul_precision() == matmul and torch.backends.cudnn.allow_tf32 == cudnn
+        assert entered == ([("cuda", torch.bfloat16)] if autocast else [])
+        assert torch.get_float32_matmul_precision() == "medium"
+        with inference_precision(torch.device("cpu"), precision):
+            assert torch.get_float32_matmul_precision() == "medium"
+        assert len(entered) == (1 if autocast else 0)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+@pytest.fixture
+def micro_models():
+    from helpers import micro_tokenizer_run, randomized
+    from semanticist_fast.inference import Tokenizer
+    from semanticist_fast.models.gpt import GPT, GPTConfig
+    from semanticist_fast.models.latent_codec import build_codec
+    from semanticist_fast.models.tokenizer import SemanticistTokenizer
+
+    def make(device="cpu", precision="bf16"):
+        torch.manual_seed(0)
+        run = micro_tokenizer_run("model.diffusion.sample_steps=euler3")
+        tok = Tokenizer(randomized(SemanticistTokenizer(run.model), seed=1), build_codec(run.model.codec), device,
+                        precision)
+        cfg = GPTConfig(size="custom", layers=2, heads=2, dim=32, head_width=32, head_depth=2, num_classes=5,
+                        num_tokens=3, head_sample_steps=6)
+        return randomized(GPT(cfg), seed=2).to(device), tok
+
+    return make
+
+
+def test_tokenizer_and_sampling_run_in_the_tokenizers_precision(micro_models, monkeypatch):
+    import contextlib
+
+    from semanticist_fast.inference import SampleConfig, generation, sample_images, tokenizer
+
+    seen = []
+
+    def recording(device, precision):
+        seen.append((torch.device(device).type, precision))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(tokenizer, "inference_precision", recording)
+    monkeypatch.setattr(generation, "inference_precision", recording)
+    gpt, tok = micro_models(precision="tf32")
+    images = sample_images(gpt, tok, torch.tensor([1, 2]), SampleConfig(guidance=1.0, head_steps=2),
+                           torch.Generator().manual_seed(0))
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 16, 16)
+    assert seen == [("cpu", "tf32"), ("cpu", "tf32")]  # the AR tokens, then the decoder
+    tok.encode(torch.rand(1, 3, 16, 16))
+    assert seen[-1] == ("cpu", "tf32")
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        type(tok)(tok.model, tok.codec, "cpu", "half")
+
+
+def test_cli_precision_option():
+    from semanticist_fast.cli import _precision, build_parser
+
+    parser = build_parser()
+    for argv in (["sample", "ck"], ["reconstruct", "ck"], ["eval", "gen", "ck"], ["eval", "recon", "ck"],
+                 ["export", "ck", "--out", "x"], ["demo", "--tokenizer", "t"]):
+        assert _precision(parser.parse_args(argv)) == "bf16"
+        assert _precision(parser.parse_args(argv + ["--precision", "fp32"])) == "fp32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sample", "ck", "--precision", "fp16"])
+
+
+# ---- GPU-only checks (benchmarks/gpu_suite.sh runs each as a step) -------------------------------------------------
+@needs_cuda
+def test_cuda_bf16_sampling_tracks_fp32(micro_models):
+    """bf16 autocast really runs on the GPU (the flash path's dtype) and stays near fp32 sampling."""
+    from semanticist_fast.inference import SampleConfig, sample_images
+
+    out = {}
+    for precision in ("fp32", "bf16"):
+        gpt, tok = micro_models("cuda", precision)
+        dtypes = []
+        hook = tok.model.dit.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        out[precision] = sample_images(gpt, tok, torch.tensor([1, 2, 3], device="cuda"),
+                                       SampleConfig(guidance=1.0, head_steps=4), torch.Generator("cuda").manual_seed(0))
+        hook.remove()
+        assert set(dtypes) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    diff = (out["bf16"] - out["fp32"]).abs()
+    print(f"bf16 vs fp32 images: mean |diff| {diff.mean():.4f}, max {diff.max():.4f}")
+    assert out["bf16"].dtype == torch.float32 and torch.isfinite(out["bf16"]).all() and diff.mean() < 0.05
+
+
+@needs_cuda
+def test_cuda_flash_dispatch_under_fullgraph_compile():
+    """The installed flash-attn (if any) inside a fullgraph compile, for DiT-XL's head dim 72 and for 64."""
+    from semanticist_fast.kernels import dispatch
+
+    print("flash:", {k: getattr(v, "__module__", v) for k, v in dispatch._FLASH.items() if k != "limits"})
+    for head_dim in (64, 72):
+        q, k, v = (torch.randn(2, 4, 256, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        torch._dynamo.reset()
+        out = torch.compile(lambda q, k, v: dispatch.attention(q, k, v), fullgraph=True)(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_cuda_zero_step_adds_no_host_sync(monkeypatch):
+    """One ZeRO-2 step under torch's sync debug mode: no sync comes from our code (DeepSpeed's own are counted)."""
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    from semanticist_fast.engine.config import OptimConfig, TrainConfig
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29531"}.items():
+        monkeypatch.setenv(key, value)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1)).cuda()
+    step = DeepSpeedOptimizerStep(model, lambda m, x: m(x).square().mean(),
+                                  TrainConfig(batch_size=8, micro_batch_size=8, engine="deepspeed", zero_stage=2),
+                                  OptimConfig(), 1e-3, 1, torch.device("cuda"))
+    x = torch.randn(8, 64, device="cuda")
+    try:
+        for _ in range(2):  # warm-up: DeepSpeed allocates its buffers on the first steps
+            step.backward(step.loss(x))
+            step.step(1e-3)
+        step.backward(step.loss(x))
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                norm = step.step(1e-3)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        print(f"host syncs in one ZeRO-2 step: {len(syncs)}, at", sorted({f"{w.filename}:{w.lineno}" for w in syncs}))
+        assert norm.is_cuda and not [w for w in syncs if "semanticist_fast" in w.filename]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

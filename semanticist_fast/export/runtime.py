@@ -21,6 +21,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..common.device import inference_precision
 from ..diffusion.sampling import HeadSampler, decoder_process, guidance_at
 from .cuda_graphs import GraphedCall
 
@@ -32,11 +33,14 @@ SETTINGS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampl
 
 @dataclass
 class Program:
-    """One loaded package; inputs are made contiguous (a package reads them by its traced strides)."""
+    """One loaded package; inputs are made contiguous (a package reads them by its traced strides). A bf16 export
+    has its casts in the graph; its fp32 matmuls, like a tf32 export's, run with TF32 (precision "tf32")."""
     run: Callable
+    precision: str = "fp32"
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.run(*(a.contiguous() for a in args))
+        with inference_precision(args[0].device, self.precision):
+            return self.run(*(a.contiguous() for a in args))
 
 
 def load_programs(directory: Path, manifest: dict, graphs: bool) -> dict[str, Callable]:
@@ -46,10 +50,11 @@ def load_programs(directory: Path, manifest: dict, graphs: bool) -> dict[str, Ca
     calls to a pool of model instances and queries CUDA events to reclaim one, which is illegal while a stream is
     capturing ("operation not permitted when stream is capturing"); the single-threaded container does neither."""
     programs = {}
+    precision = "fp32" if manifest.get("precision", "fp32") == "fp32" else "tf32"
     for name, spec in manifest["programs"].items():
         file = str(directory / spec["file"])
         program = Program(torch._inductor.aoti_load_package(file, run_single_threaded=graphs) if manifest["compiled"]
-                          else torch.export.load(file).module())
+                          else torch.export.load(file).module(), precision)
         if graphs and name in GRAPHED:
             start = GRAPHED[name]
             program = GraphedCall(program, range(start, len(spec["inputs"])) if start is not None else ())
