@@ -255,7 +255,9 @@ def test_loader_dali_needs_image_files():
         micro_tokenizer_run("data.loader=dali")
 
 
-def test_the_pipeline_is_built_once_and_refed_every_epoch(photos, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the nvJPEG pipeline needs a GPU (gpu_suite.sh)"))])
+def test_the_pipeline_is_built_once_and_refed_every_epoch(photos, monkeypatch, device):
     """Three epochs (one left part-way) through one DaliImages: one build for the full epochs; each epoch's batches
     equal those of a pipeline built for it alone."""
     from nvidia.dali import Pipeline
@@ -271,11 +273,11 @@ def test_the_pipeline_is_built_once_and_refed_every_epoch(photos, monkeypatch):
     def epoch(images, e):
         return list(epoch_loader(images, 4, seed=5, epoch=e, start_step=0, micro_batch=4, world_size=1, rank=0))
 
-    images = DaliImages(folder, fresh.scan, folder.transform, torch.device("cpu"))
+    images = DaliImages(folder, fresh.scan, folder.transform, torch.device(device))
     got = [epoch(images, e) for e in range(3)]
     assert pipelines() == 1
     for e in range(3):
-        want = epoch(DaliImages(folder, fresh.scan, folder.transform, torch.device("cpu")), e)
+        want = epoch(DaliImages(folder, fresh.scan, folder.transform, torch.device(device)), e)
         assert len(got[e]) == len(want) > 2
         for (x, y), (xw, yw) in zip(got[e], want):
             assert torch.equal(y, yw) and torch.equal(x, xw)
