@@ -7,7 +7,8 @@
 #
 # Steps: the extension build (only if semanticist_fast._C is missing or has no CUDA kernels), the kernel tests on
 # CUDA (no TRITON_INTERPRET), bench_kernels, bench_train (tokenizer-L and AR-L: optimised vs plain eager, MFU),
-# bench_sample (AR-L), and the DALI bench if benchmarks/bench_data.py exists. A step that fails or runs past its
+# bench_sample (AR-L), the DALI bench if benchmarks/bench_data.py exists, and the GPU-only checks of issue 28
+# (gpu_* steps: the cudart, the ZeRO step's syncs, flash under compile, bf16 sampling, DALI, a graphed export). A step that fails or runs past its
 # limit is logged and the suite goes on; the summary at the end lists each step's status and time, and the exit
 # status is 1 if any step failed.
 #
@@ -94,6 +95,15 @@ if [[ "$NEEDS_BUILD" == "1" ]]; then
 fi
 # The kernel tests on CUDA: Triton compiled for real, the C++/CUDA ops, the CUDA sources' compile check.
 step kernel_tests 75 env -u TRITON_INTERPRET "$PY" -m pytest -q -x tests/test_kernels.py tests/test_cuda_compile.py
+# Issue 28's GPU-only checks (tests/test_gpu_paths.py etc.; each skips on a CPU): one libcudart in the process, no
+# host sync from our ZeRO step, flash-attn under a fullgraph compile (head dims 64 and 72), bf16 sampling against
+# fp32, the DALI nvJPEG pipeline built once, and a bf16 CUDA export replayed from CUDA graphs (run last: it compiles).
+GPU_PATHS=(env -u TRITON_INTERPRET "$PY" -m pytest -q -s -rs)
+step gpu_one_cudart 40 "${GPU_PATHS[@]}" tests/test_cuda_compile.py -k one_cuda_runtime
+step gpu_zero_no_sync 60 "${GPU_PATHS[@]}" tests/test_gpu_paths.py -k zero_step_adds_no_host_sync
+step gpu_flash_compile 60 "${GPU_PATHS[@]}" tests/test_gpu_paths.py -k flash_dispatch_under_fullgraph
+step gpu_bf16_sampling 45 "${GPU_PATHS[@]}" tests/test_gpu_paths.py -k bf16_sampling_tracks_fp32
+step gpu_dali_built_once 45 "${GPU_PATHS[@]}" tests/test_dali.py -k "built_once and cuda"
 step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --compiled-reference
 step bench_train_tok 120 "$PY" benchmarks/bench_train.py --preset tokenizer-L --batch 64
 step bench_train_ar 90 "$PY" benchmarks/bench_train.py --preset ar-L --batch 256
@@ -103,6 +113,8 @@ if [[ -f benchmarks/bench_data.py ]]; then
 elif [[ $DRY_RUN -eq 1 ]]; then
   echo "(bench_data: benchmarks/bench_data.py does not exist here; skipped)"
 fi
+
+step gpu_export_graphs 150 "${GPU_PATHS[@]}" tests/test_gpu_paths.py -k bf16_export_replays_from_cuda_graphs
 
 [[ $DRY_RUN -eq 1 ]] && exit 0
 FAILED=0
