@@ -66,7 +66,8 @@ def cmd_reconstruct(args) -> int:
     from .eval.reconstruction import format_report, held_out_images, parse_token_counts, reconstruction_report
     from .inference import Tokenizer
 
-    tok = Tokenizer.from_checkpoint(args.ckpt, device=args.device, codec_path=args.codec_path)
+    tok = Tokenizer.from_checkpoint(args.ckpt, device=args.device, codec_path=args.codec_path,
+                                    precision=_precision(args))
     counts = parse_token_counts(args.tokens, tok.num_slots) if args.tokens else token_counts(tok.num_slots)
     if args.images:
         images = load_images(args.images, tok.image_size)
@@ -114,9 +115,9 @@ def cmd_sample(args) -> int:
     if args.compiled:
         from .export import CompiledSampler
 
-        if args.tokenizer or args.device:
-            raise UsageError("sample --compiled: the export fixed the tokenizer and the device; drop --tokenizer "
-                             "and --device (or re-export)")
+        if args.tokenizer or args.device or args.precision:
+            raise UsageError("sample --compiled: the export fixed the tokenizer, the device and the precision; drop "
+                             "--tokenizer, --device and --precision (or re-export)")
         sampler = CompiledSampler.load(args.compiled)
         device, num_classes = sampler.device, sampler.manifest["ar"]["num_classes"]
         settings = sampler.resolved(**_sampling_overrides(args))  # bad settings fail before any sampling
@@ -131,7 +132,7 @@ def cmd_sample(args) -> int:
         loaded = load_generator(args.ckpt, args.device)
         device, num_classes = next(loaded.gpt.parameters()).device, loaded.gpt.num_classes
         tokenizer_path = args.tokenizer or loaded.tokenizer_file()  # the pinned tokenizer unless one is given
-        tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device))
+        tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device), precision=_precision(args))
         # Every option left unset falls back to the run's `sample` section.
         s = with_overrides(loaded.sample, **_sampling_overrides(args))
 
@@ -163,7 +164,7 @@ def cmd_export(args) -> int:
 
     path = export_sampler(args.ckpt, args.out, tokenizer=args.tokenizer, max_batch=args.batch,
                           static_batch=args.static_batch, device=args.device, compile=not args.no_compile,
-                          **_sampling_overrides(args))
+                          precision=_precision(args), **_sampling_overrides(args))
     log.info("wrote %s and its packages; sample with: semanticist-fast sample --compiled %s", path, args.out)
     return 0
 
@@ -183,7 +184,10 @@ def cmd_demo(args) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     torch.set_num_threads(args.threads)
-    models = load_models(args.tokenizer, args.ar, args.compiled, args.device)
+    if args.compiled and args.precision:
+        raise UsageError("demo --compiled: the export fixed the precision of the generation tab; drop --precision "
+                         "(or re-export with it)")
+    models = load_models(args.tokenizer, args.ar, args.compiled, args.device, precision=_precision(args))
     log.info("serving the demo on http://%s:%d (Ctrl-C stops it)", args.host, args.port)
     launch(models, args.host, args.port)
     return 0
@@ -203,7 +207,8 @@ def cmd_eval_recon(args) -> int:
     from .eval.recon_eval import evaluate_reconstruction, format_recon_summary
 
     summary = evaluate_reconstruction(args.ckpt, _eval_config(args), args.out, args.guidance, args.steps,
-                                      args.device, args.codec_path, progress=not args.no_progress)
+                                      args.device, args.codec_path, progress=not args.no_progress,
+                                      precision=_precision(args))
     if summary is not None:  # rank 0
         print(format_recon_summary(summary))
     return 0
@@ -213,7 +218,8 @@ def cmd_eval_gen(args) -> int:
     from .eval.gen_eval import evaluate_generation, format_gen_summary
 
     summary = evaluate_generation(args.ckpt, _eval_config(args), args.out, args.tokenizer, args.device,
-                                  progress=not args.no_progress, **_sampling_overrides(args))
+                                  progress=not args.no_progress, precision=_precision(args),
+                                  **_sampling_overrides(args))
     if summary is not None:  # rank 0
         print(format_gen_summary(summary))
     return 0
@@ -256,6 +262,16 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["bf16", "tf32", "fp32"], default=None,
+                   help="on a GPU: bf16 (default: bf16 autocast, TF32 matmuls), tf32 (fp32 tensors, TF32 matmuls) or "
+                        "fp32 (full fp32); the CPU always runs fp32")
+
+
+def _precision(args) -> str:
+    return args.precision or "bf16"
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     # Unset sampling options take the values of the checkpoint's `sample` section.
     p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
@@ -291,6 +307,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (eval.seed)")
     p.add_argument("--config", default=None, help="a YAML file whose `eval:` section applies over the run's")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.is_splits=5")
 
@@ -345,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder steps: 250 or ddim25 (ddpm), euler4 (flow) (default: the config's)")
     r.add_argument("--seed", type=int, default=0, help="seed of the decoding noise")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(r)
     r.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
     r.set_defaults(fn=cmd_reconstruct)
 
@@ -369,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples drawn at once (--compiled: at most the export's)")
     s.add_argument("--out", default="samples.png", help="PNG grid; the images and labels also go to OUT.npz")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(s)
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="rFID / PSNR / SSIM of a tokenizer, gFID / IS of an AR model (torch-fidelity; "
@@ -404,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the traced programs uncompiled (torch.export.save): no C++ compiler needed, eager speed")
     _add_sampling_args(x)
     x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(x)
     x.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="the browser demos: reconstructions from the first k tokens, class-conditional "
@@ -417,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to serve on; 0.0.0.0 opens the demo to the network")
     d.add_argument("--port", type=_positive("--port"), default=7860, help="port to serve on")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(d)
     d.add_argument("--threads", type=_positive("--threads"), default=1,
                    help="CPU threads for the model calls: the tiny models answer fastest on one; raise it for "
                         "large models on a CPU")

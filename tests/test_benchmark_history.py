@@ -199,6 +199,14 @@ def test_gpu_suite_is_valid_bash_and_lists_its_steps():
         assert f"def {test}(" in source
     assert "-k graphed_call_replays" in r.stdout and "cuda_export_reproduces or graphed_path_equals" in r.stdout
     assert "--preset tokenizer-L" in r.stdout and "--preset ar-L" in r.stdout and "--size L" in r.stdout
+    # Issue 28's GPU-only checks, each a step that runs its tests on CUDA.
+    for name, selects in (("gpu_one_cudart", "-k one_cuda_runtime"), ("gpu_zero_no_sync", "-k zero_step_adds_no"),
+                          ("gpu_flash_compile", "-k flash_dispatch_under_fullgraph"),
+                          ("gpu_bf16_sampling", "-k bf16_sampling_tracks_fp32"),
+                          ("gpu_dali_built_once", "-k built_once and cuda"),
+                          ("gpu_export_graphs", "-k bf16_export_replays_from_cuda_graphs")):
+        line = next((row for row in r.stdout.splitlines() if row.startswith(name + " ")), "")
+        assert selects in line and "-m pytest" in line, (name, r.stdout)
 
 
 def test_gpu_suite_logs_a_failed_step_and_goes_on(tmp_path):

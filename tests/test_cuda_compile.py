@@ -1,4 +1,4 @@
-"""The CUDA sources compile on a machine without a GPU.
+"""The CUDA sources compile on a machine without a GPU, and the CMake CUDA target links one shared CUDA runtime.
 
 nvcc: the one on PATH, else the one the dev install brings from PyPI (nvidia-cuda-nvcc with nvidia-cuda-cccl,
 pinned in constraints.txt to the CUDA 13.0 toolkit): on a fresh machine these tests run, they do not skip.
@@ -9,8 +9,10 @@ it uses only core c10 headers, so it is syntax-checked here against the installe
 """
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,55 @@ def test_cuda_binding_compiles_against_torch_headers(nvcc):
            str(ROOT / "csrc" / "torch" / "cuda_ops.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _dynamic_section(library: Path) -> tuple[list[str], list[str]]:
+    """(NEEDED sonames, RUNPATH/RPATH directories) of a shared library, read with readelf."""
+    out = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+    paths = [p for found in re.findall(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[([^\]]*)\]", out)
+             for p in found.split(":") if p]
+    return needed, paths
+
+
+@needs_nvcc
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("readelf") is None or shutil.which("nm") is None,
+                    reason="needs cmake, readelf and nm")
+def test_cmake_cuda_target_links_one_shared_cudart_and_no_toolkit_rpath(tmp_path):
+    """The CMake CUDA target, built here against the installed torch (CUDA forced on, the cudart torch would load
+    taken, as AUTO does with a CUDA torch): one libcudart, the shared one (the cudart calls of the kernels are
+    undefined in _C, resolved by it; CMake's static default would define them in _C), and no rpath into the
+    toolkit, so the loader reuses the libcudart torch loaded."""
+    env = {**os.environ, "PATH": f"{Path(NVCC).parent}:{os.environ['PATH']}"}
+    build, out = tmp_path / "build", tmp_path / "out"
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
+                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out}",
+                 "-DSEMANTICIST_WITH_CUDA=ON", "-DSEMANTICIST_CUDART_FROM_TORCH=ON",
+                 "-DSEMANTICIST_CUDA_ARCHITECTURES=90-real"]
+    for cmd in (configure, ["cmake", "--build", str(build), "--parallel", "2"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    library = next(out.glob("_C*.so"))
+    needed, paths = _dynamic_section(library)
+    cudarts = [n for n in needed if n.startswith("libcudart")]
+    assert len(cudarts) == 1 and re.fullmatch(r"libcudart\.so\.\d+", cudarts[0]), needed
+    assert "cudart_static" not in (build / "CMakeFiles" / "_C.dir" / "link.txt").read_text()
+    symbols = subprocess.run(["nm", str(library)], capture_output=True, text=True, check=True).stdout
+    for api in ("cudaGetLastError", "__cudaRegisterFatBinary", "__cudaLaunchKernel"):
+        kinds = re.findall(rf"^\s*(?:[0-9a-f]+\s+)?([A-Za-z])\s+{re.escape(api)}(?:@\S+)?$", symbols, re.M)
+        assert kinds == ["U"], (api, kinds)  # undefined in _C: the shared libcudart provides it
+    toolkit = Path(NVCC).resolve().parents[1]
+    assert paths and not any(Path(p).resolve().is_relative_to(toolkit) for p in paths), paths
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU and the CUDA build of _C (gpu_suite.sh)")
+def test_one_cuda_runtime_is_mapped_after_torch_and_the_extension_ran():
+    """On a GPU: torch's CUDA ops and the extension's kernels both ran, and the process maps one libcudart."""
+    code = ("import torch, semanticist_fast.kernels.extension as e; assert e.BUILT_WITH_CUDA, e.STATUS; "
+            "x = torch.randn(4, 8, device='cuda') @ torch.randn(8, 8, device='cuda'); "
+            "e.standardize(x); torch.cuda.synchronize(); "
+            "maps = {l.split()[-1] for l in open('/proc/self/maps') if 'libcudart' in l}; print(sorted(maps)); "
+            "assert len(maps) == 1, maps")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

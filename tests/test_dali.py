@@ -253,3 +253,39 @@ def test_loader_dali_needs_image_files():
 
     with pytest.raises((ConfigError, ValueError), match="data.dataset=folder"):
         micro_tokenizer_run("data.loader=dali")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the nvJPEG pipeline needs a GPU (gpu_suite.sh)"))])
+def test_the_pipeline_is_built_once_and_refed_every_epoch(photos, monkeypatch, device):
+    """Three epochs (one left part-way) through one DaliImages: one build for the full epochs; each epoch's batches
+    equal those of a pipeline built for it alone."""
+    from nvidia.dali import Pipeline
+
+    folder, fresh = photos
+    builds = []  # every call (run() calls build() too, which returns at once once built); the pipelines built
+    build = Pipeline.build
+    monkeypatch.setattr(Pipeline, "build", lambda self: (builds.append(self), build(self))[1])
+
+    def pipelines() -> int:
+        return len({id(p) for p in builds})
+
+    def epoch(images, e):
+        return list(epoch_loader(images, 4, seed=5, epoch=e, start_step=0, micro_batch=4, world_size=1, rank=0))
+
+    images = DaliImages(folder, fresh.scan, folder.transform, torch.device(device))
+    got = [epoch(images, e) for e in range(3)]
+    assert pipelines() == 1
+    for e in range(3):
+        want = epoch(DaliImages(folder, fresh.scan, folder.transform, torch.device(device)), e)
+        assert len(got[e]) == len(want) > 2
+        for (x, y), (xw, yw) in zip(got[e], want):
+            assert torch.equal(y, yw) and torch.equal(x, xw)
+    assert not torch.equal(got[0][0][1], got[1][0][1])  # the epochs' orders differ: each epoch was fed its own
+    # An epoch left after one batch keeps prefetched batches: the next one gets a new pipeline, and is right.
+    partial = iter(epoch_loader(images, 4, seed=5, epoch=3, start_step=0, micro_batch=4, world_size=1, rank=0))
+    next(partial)
+    builds.clear()
+    again = epoch(images, 0)
+    assert pipelines() == 1  # a new pipeline
+    assert all(torch.equal(y, yw) and torch.equal(x, xw) for (x, y), (xw, yw) in zip(again, got[0]))

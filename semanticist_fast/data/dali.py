@@ -17,8 +17,9 @@ next readable file in sorted order) and counted; those DALI would decode differe
 palette, transparency, formats other than JPEG and PNG) are fed re-encoded from PIL's to_rgb, so their values are
 the PIL path's; a file whose size or checksum changed since the scan is checked again with PIL before use.
 
-nvidia-dali is optional (`pip install -e .[dali]`). The GPU path (`device="mixed"`, outputs on the trainer's
-device) is written for CUDA machines and untested here; the CPU path (`device_id=None`) runs in the tests.
+nvidia-dali is optional (`pip install -e .[dali]`). A pipeline is built once per output shape and re-fed each
+epoch. The GPU path (`device="mixed"`, outputs on the trainer's device) is written for CUDA machines and untested
+here; the CPU path (`device_id=None`) runs in the tests.
 """
 import logging
 from collections import deque
@@ -49,6 +50,16 @@ def require_dali():
     return dali, fn, types
 
 
+class _Feed:
+    """The external source of a pipeline that outlives one epoch: each pass points it at that pass's batches."""
+
+    def __init__(self, source: Callable[[], tuple]):
+        self.source = source
+
+    def __call__(self) -> tuple:
+        return self.source()
+
+
 class DaliCrops:
     """A DALI pipeline: encoded images in, for each image the windows of `view_resizes` out, as (B, V, 3, S, S)
     floats in [0, 1]. View v is cut from the image resized to the short side of resize `view_resizes[v]`, so one
@@ -60,6 +71,28 @@ class DaliCrops:
         self.size, self.view_resizes = size, tuple(view_resizes)
         self.num_resizes = max(self.view_resizes) + 1
         self.batch_size, self.device, self.num_threads = batch_size, torch.device(device), max(1, num_threads)
+        self._pipe, self._feed, self._busy = None, None, False
+
+    def run(self, source: Callable[[], tuple]) -> Iterator[tuple]:
+        """The pipeline's (images, labels) for one pass over `source` (see pipeline). Built on the first pass and
+        reset and re-fed for the next ones: building sets up the decoder (nvJPEG) and its device memory again.
+        A pass left part-way holds prefetched batches, so the pass after it gets a new pipeline."""
+        if self._pipe is None or self._busy:
+            self._feed = _Feed(source)
+            self._pipe = self.pipeline(self._feed)
+        else:
+            self._feed.source = source
+            self._pipe.reset()
+        pipe = self._pipe
+        self._busy = True
+        while True:
+            try:
+                out = pipe.run()
+            except StopIteration:
+                if pipe is self._pipe:
+                    self._busy = False
+                return
+            yield out
 
     def pipeline(self, source: Callable[[], tuple]):
         """The pipeline that pulls its batches from `source()`: (encoded bytes, resizes (R, 2) as (w, h), windows
@@ -153,12 +186,7 @@ class _Epoch:
             pending.append(self.extra(indices) if self.extra is not None else ())
             return self.crops.inputs(encoded, boxes, sizes, labels)
 
-        pipe = self.crops.pipeline(source)
-        while True:
-            try:
-                images, labels = pipe.run()
-            except StopIteration:
-                return
+        for images, labels in self.crops.run(source):
             x, y = self.crops.to_torch(images, labels)
             yield (x[:, 0] if self.squeeze else x, y, *pending.popleft())
 
@@ -177,6 +205,7 @@ class DaliImages:
         self.samples, self.root = folder.samples, folder.root
         self.device, self.num_threads = torch.device(device), num_threads
         self.epoch = 0
+        self._crops: dict[tuple, DaliCrops] = {}  # one pipeline per output shape, kept across epochs
         self._skipped: set[int] = set()
         self._bad: set[int] = set()  # readable at the scan, unreadable now
         self._changed: dict[int, tuple[int, int]] = {}
@@ -234,9 +263,10 @@ class DaliImages:
                squeeze: bool = True) -> _Epoch:
         """Batches of the boxes `boxes_for` gives each item, (B, V, 3, size, size) ((B, 3, size, size) when squeeze
         and V = 1), with the labels and extra(indices) of each batch."""
-        crops = DaliCrops(size, view_resizes, max((len(b) for b in batches), default=1), self.device,
-                          self.num_threads)
-        return _Epoch(self, batches, crops, boxes_for, extra, squeeze)
+        key = (size, tuple(view_resizes), max((len(b) for b in batches), default=1))
+        if key not in self._crops:
+            self._crops[key] = DaliCrops(size, view_resizes, key[2], self.device, self.num_threads)
+        return _Epoch(self, batches, self._crops[key], boxes_for, extra, squeeze)
 
     def epoch_loader(self, batches: list[list[tuple[int, int]]], num_workers: int = 0, pin_memory: bool = False):
         if self.transform is None:

@@ -107,7 +107,7 @@ def _eager_generation(loaded: LoadedGenerator, ar, tokenizer: Tokenizer, tokeniz
     pinned = loaded.tokenizer_file()  # the tokenizer the AR model's tokens mean something to
     device = next(loaded.gpt.parameters()).device
     decoder = tokenizer if _same_weights(pinned, Path(tokenizer_path)) else \
-        Tokenizer.from_checkpoint(pinned, device=str(device))
+        Tokenizer.from_checkpoint(pinned, device=str(device), precision=tokenizer.precision)
 
     def draw(labels, generator, settings, bars):
         return sample_images(loaded.gpt, decoder, labels, with_overrides(loaded.sample, **settings), generator, bars)
@@ -132,8 +132,8 @@ def _compiled_generation(directory, ar) -> Generation:
 
 
 def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = None,
-                out_dir: Optional[Path] = None, num_held_out: int = 8) -> DemoModels:
-    """The demo's models, loaded once. tokenizer: a run directory, checkpoint or weights file (default: the one the
+                out_dir: Optional[Path] = None, num_held_out: int = 8, precision: str = "bf16") -> DemoModels:
+    """The demo's models, loaded once; the eager ones run in `precision` on a GPU (common/device.py). tokenizer: a run directory, checkpoint or weights file (default: the one the
     AR run was trained on); ar: an AR run for the generation tab; compiled: an exported directory
     (`semanticist-fast export`), which the generation tab then samples with instead of the eager AR model."""
     loaded = load_generator(ar, device) if ar is not None and compiled is None else None
@@ -141,7 +141,7 @@ def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = 
         if ar is None:
             raise ConfigError("the demo needs a tokenizer: give --tokenizer RUN (or --ar RUN, whose tokenizer it uses)")
         tokenizer = (loaded or load_generator(ar, "cpu")).tokenizer_file()
-    tok = Tokenizer.from_checkpoint(tokenizer, device=device)
+    tok = Tokenizer.from_checkpoint(tokenizer, device=device, precision=precision)
     held_out, captions = _held_out(tokenizer, tok.image_size, num_held_out)
     generation = None
     if compiled is not None:

@@ -11,7 +11,6 @@ step. DeepSpeed reduces the gradients, clips them to optim.grad_clip, skips a st
 partitions the optimizer state (1), the gradients too (2), and the parameters too (3). The task runs through
 `engine(...)`, so ZeRO-3's hooks gather each module's parameters around its forward.
 """
-import math
 from typing import Any, Optional
 
 import torch
@@ -116,9 +115,16 @@ class DeepSpeedOptimizerStep:
         for group in self.zero_optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
-        if getattr(self.zero_optimizer, "overflow", False):  # DeepSpeed skipped it: the norm was not finite
-            return torch.tensor(math.inf, device=self.device)
-        return torch.as_tensor(self.engine.get_global_grad_norm(), dtype=torch.float32, device=self.device)
+        # The norm carries the skip: DeepSpeed stores float("inf") when it skipped the step and the device tensor
+        # of the norm otherwise, so the trainer's on-device non-finite flag sees both without a host sync here
+        # (reading zero_optimizer.overflow or float(norm) would not be free on every path).
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            raise RuntimeError("DeepSpeed computed no gradient norm (zero_optimization.compute_grad_norm is false): "
+                               "remove that setting from --deepspeed-config; the trainer logs the norm")
+        if torch.is_tensor(norm):
+            return norm.to(torch.float32)  # a no-op for DeepSpeed's fp32 norm: no copy, no sync
+        return torch.tensor(float(norm), dtype=torch.float32, device=self.device)  # a skipped step: inf
 
     def shard(self) -> Shard:
         if self._shard is None:

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..common.device import resolve_device
+from ..common.device import effective_precision, resolve_device
 from ..common.distributed import close, ranks_from_env
 from ..common.files import atomic_write_text, sha256_file
 from ..common.runs import resolve_checkpoint, saved_config, weights_file
@@ -43,8 +43,9 @@ def sample_labels(items: range, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_generation(checkpoint, cfg: EvalConfig, out_dir: Optional[Path] = None,
                         tokenizer_path: Optional[str] = None, device: Optional[str] = None,
-                        progress: bool = True, **sample_overrides) -> Optional[dict]:
+                        progress: bool = True, precision: str = "bf16", **sample_overrides) -> Optional[dict]:
     """Runs on every rank; returns the summary on rank 0 (also written to OUT/summary.json), None elsewhere.
+    precision: of the sampling on a GPU (common/device.py); a run that is not fp32 records it in its identity.
     sample_overrides: SampleConfig fields (guidance, temperature, head_steps, ...); None keeps the run's."""
     start = time.perf_counter()
     ranks = ranks_from_env()
@@ -54,7 +55,7 @@ def evaluate_generation(checkpoint, cfg: EvalConfig, out_dir: Optional[Path] = N
     net = load_inception(cfg.inception_path, device, cfg.fid_features)  # first: a missing file fails before the work
     loaded = load_generator(ckpt, str(device))
     tokenizer_file = weights_file(tokenizer_path) if tokenizer_path else loaded.tokenizer_file()  # the pinned one
-    tokenizer = Tokenizer.from_checkpoint(tokenizer_file, device=str(device))
+    tokenizer = Tokenizer.from_checkpoint(tokenizer_file, device=str(device), precision=precision)
     gpt, sample = loaded.gpt, with_overrides(loaded.sample, **sample_overrides)
     run = saved_config(ckpt)
     if not cfg.reference and not run.get("data"):  # checked before sampling, not after
@@ -69,6 +70,8 @@ def evaluate_generation(checkpoint, cfg: EvalConfig, out_dir: Optional[Path] = N
                 "tokenizer_sha256": sha256_file(tokenizer_file), "inception_sha256": inception_sha,
                 "fid_features": cfg.fid_features, "sample": asdict(sample), "seed": cfg.seed,
                 "num_classes": num_classes, "num_items": n, "shard_size": cfg.shard_size}
+    if effective_precision(device, precision) != "fp32":  # fp32 runs keep the identity of runs before the setting
+        identity["precision"] = effective_precision(device, precision)
 
     def make_shard(shard: int, items: range) -> dict:
         labels = sample_labels(items, num_classes)
@@ -100,7 +103,7 @@ def evaluate_generation(checkpoint, cfg: EvalConfig, out_dir: Optional[Path] = N
     summary = {"kind": "gen", "checkpoint": str(ckpt), "tokenizer": str(tokenizer_file), "samples": n,
                "per_class": cfg.per_class, "classes": num_classes, "sample": asdict(sample), "seed": cfg.seed,
                "inception": cfg.inception_path, "fid_features": cfg.fid_features, "reference": against,
-               "ranks": ranks.world_size,
+               "ranks": ranks.world_size, "precision": effective_precision(device, precision),
                "gfid": frechet_distance(fid_statistics(arrays["pool"]), reference), "is_mean": is_mean,
                "is_std": is_std, "npz": files, "grid": str(out / "samples.png"),
                "seconds": time.perf_counter() - start}

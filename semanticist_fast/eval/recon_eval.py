@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..common.device import resolve_device
+from ..common.device import effective_precision, resolve_device
 from ..common.distributed import close, ranks_from_env
 from ..common.files import atomic_write_text, sha256_file
 from ..common.runs import resolve_checkpoint, saved_config, weights_file
@@ -44,8 +44,9 @@ def _as_scored(images: torch.Tensor) -> torch.Tensor:
 def evaluate_reconstruction(checkpoint, cfg: EvalConfig, out_dir: Optional[Path] = None,
                             guidance: Optional[float] = None, steps: Optional[str] = None,
                             device: Optional[str] = None, codec_path: Optional[str] = None,
-                            progress: bool = True) -> Optional[dict]:
-    """Runs on every rank; returns the summary on rank 0 (also written to OUT/summary.json), None elsewhere."""
+                            progress: bool = True, precision: str = "bf16") -> Optional[dict]:
+    """Runs on every rank; returns the summary on rank 0 (also written to OUT/summary.json), None elsewhere.
+    precision: the tokenizer's on a GPU (common/device.py); a run that is not fp32 records it in its identity."""
     start = time.perf_counter()
     ranks = ranks_from_env()
     device = ranks.device(resolve_device(device))
@@ -53,7 +54,7 @@ def evaluate_reconstruction(checkpoint, cfg: EvalConfig, out_dir: Optional[Path]
     out = Path(out_dir) if out_dir else default_out_dir(ckpt, "recon")
     # First: a missing weights file fails before any work. Reconstructions need no logits (no IS).
     net = load_inception(cfg.inception_path, device, cfg.fid_features, logits=False)
-    tok = Tokenizer.from_checkpoint(ckpt, device=str(device), codec_path=codec_path)
+    tok = Tokenizer.from_checkpoint(ckpt, device=str(device), codec_path=codec_path, precision=precision)
     counts = sorted(set(parse_token_counts(cfg.tokens, tok.num_slots)))
     dataset = held_out_set(ckpt, tok.image_size)
     n = len(dataset) if cfg.num_images == 0 else min(cfg.num_images, len(dataset))
@@ -64,6 +65,8 @@ def evaluate_reconstruction(checkpoint, cfg: EvalConfig, out_dir: Optional[Path]
                 "data": saved_config(ckpt).get("data"),
                 "tokens": counts, "guidance": guidance, "steps": steps, "seed": cfg.seed, "num_items": n,
                 "shard_size": cfg.shard_size}
+    if effective_precision(device, precision) != "fp32":  # fp32 runs keep the identity of runs before the setting
+        identity["precision"] = effective_precision(device, precision)
     per_k = [f"{what}_k{k}" for k in counts for what in ("images", "pool", "psnr", "ssim")]
     names = ("labels", "real_pool", "flat_psnr", "flat_ssim", *per_k)
 
@@ -115,7 +118,7 @@ def evaluate_reconstruction(checkpoint, cfg: EvalConfig, out_dir: Optional[Path]
     summary = {"kind": "recon", "checkpoint": str(ckpt), "images": n, "tokens": counts, "guidance": guidance,
                "steps": steps, "seed": cfg.seed, "inception": cfg.inception_path, "fid_features": cfg.fid_features,
                "reference": against,
-               "ranks": ranks.world_size, "flat": flat, "per_tokens": rows, "npz": files,
+               "ranks": ranks.world_size, "precision": effective_precision(device, precision), "flat": flat, "per_tokens": rows, "npz": files,
                "grid": str(out / "reconstructions.png"), "seconds": time.perf_counter() - start}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

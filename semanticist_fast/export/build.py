@@ -19,14 +19,14 @@ from typing import Optional, Union
 
 import torch
 
-from ..common.device import resolve_device
+from ..common.device import effective_precision, resolve_device
 from ..common.files import atomic_write, atomic_write_text, sha256_file
 from ..common.runs import weights_file
 from ..config import to_dict
 from ..inference import Tokenizer, load_generator
 from ..inference.generation import with_overrides
 from ..kernels import dispatch
-from .steps import ARDecode, ARPrefill, DecoderStep, HeadStep, LatentDecode
+from .steps import ARDecode, ARPrefill, Autocast, DecoderStep, HeadStep, LatentDecode
 
 FORMAT_VERSION = 1
 PROGRAMS = ("ar_prefill", "ar_decode", "head_step", "decoder_step", "latent_decode")
@@ -78,17 +78,20 @@ def _package(module: torch.nn.Module, args: tuple, names: list[str], batch_dims:
 
 def export_sampler(ar_checkpoint: Union[str, Path], out_dir: Union[str, Path], tokenizer: Optional[str] = None,
                    max_batch: int = 8, static_batch: bool = False, device: Optional[str] = None,
-                   compile: bool = True, progress: bool = True, **sample_overrides) -> Path:
+                   compile: bool = True, progress: bool = True, precision: str = "bf16", **sample_overrides) -> Path:
     """Write the packages and manifest.json into out_dir; return the manifest's path.
 
     tokenizer: default, the one the AR run was trained on. max_batch: the largest batch (the only one, with
     static_batch). compile=False writes the exported programs uncompiled (torch.export.save): no C++ compiler
     needed, eager speed; the runtime runs them alike. sample_overrides: SampleConfig fields (guidance, head_steps,
     decoder_steps, ...) replacing the run's sampling settings; they are stored as the package's defaults.
+    precision (a CUDA export; a CPU export is fp32): bf16 traces the steps under bf16 autocast (bf16 KV caches, fp32
+    outputs), and the runtime runs them with TF32 on, as it does for tf32; fp32 keeps both off.
     """
     if max_batch < 1:
         raise ValueError(f"--batch must be >= 1, got {max_batch}")
     device = resolve_device(device)
+    precision = effective_precision(device, precision)
     loaded = load_generator(ar_checkpoint, str(device))
     gpt = loaded.gpt.eval()
     tokenizer_path = tokenizer or loaded.tokenizer_file()  # the pinned tokenizer unless one is given
@@ -115,7 +118,7 @@ def export_sampler(ar_checkpoint: Union[str, Path], out_dir: Union[str, Path], t
     rows = 2 * example if guided else example
     head, dit = gpt.diffloss, tok.model.dit
     cache_shape = gpt.cache_shape(rows)
-    dtype = gpt.z_proj.weight.dtype
+    dtype = torch.bfloat16 if precision == "bf16" else gpt.z_proj.weight.dtype  # the K/V dtype under autocast
     caches = [torch.zeros(cache_shape, dtype=dtype, device=device) for _ in range(2 * len(gpt.layers))]
     cache_names = [f"{kind}_cache_{i}" for i in range(len(gpt.layers)) for kind in ("k", "v")]
     cond_emb = torch.randn(rows, head.net.cond_embed.out_features, device=device)
@@ -150,6 +153,8 @@ def export_sampler(ar_checkpoint: Union[str, Path], out_dir: Union[str, Path], t
         bar = tqdm(list(jobs()), desc="export", disable=not progress)
         for name, module, args, names, batch_dims in bar:
             bar.set_postfix_str(name)
+            if precision == "bf16":
+                module = Autocast(module, device.type)
             programs[name] = _package(module.eval(), args, names, batch_dims, dims, out_dir / f"{name}.pt2", compile)
 
     ar_path, tok_path = weights_file(ar_checkpoint), weights_file(tokenizer_path)
@@ -159,6 +164,7 @@ def export_sampler(ar_checkpoint: Union[str, Path], out_dir: Union[str, Path], t
         "torch": torch.__version__,
         "device": device.type,
         "compiled": compile,
+        "precision": precision,
         "batch": {"min": example if static_batch else 1, "max": example},
         "programs": programs,
         "ar": {"num_tokens": gpt.num_tokens, "token_dim": gpt.config.token_dim, "num_classes": gpt.num_classes,

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..common.device import inference_precision
 from ..diffusion.sampling import HeadSampler, decoder_process, guidance_at
 from .cuda_graphs import GraphedCall
 
@@ -32,11 +33,33 @@ SETTINGS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampl
 
 @dataclass
 class Program:
-    """One loaded package; inputs are made contiguous (a package reads them by its traced strides)."""
+    """One loaded package; inputs are made contiguous (a package reads them by its traced strides). A bf16 export
+    has its casts in the graph; its fp32 matmuls, like a tf32 export's, run with TF32 (precision "tf32")."""
     run: Callable
+    precision: str = "fp32"
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.run(*(a.contiguous() for a in args))
+        with inference_precision(args[0].device, self.precision):
+            return self.run(*(a.contiguous() for a in args))
+
+
+def load_programs(directory: Path, manifest: dict, graphs: bool) -> dict[str, Callable]:
+    """The manifest's packages, the GRAPHED ones wrapped to replay from CUDA graphs when graphs is on.
+
+    Under graphs every package loads with run_single_threaded=True: by default an AOTI model container hands its
+    calls to a pool of model instances and queries CUDA events to reclaim one, which is illegal while a stream is
+    capturing ("operation not permitted when stream is capturing"); the single-threaded container does neither."""
+    programs = {}
+    precision = "fp32" if manifest.get("precision", "fp32") == "fp32" else "tf32"
+    for name, spec in manifest["programs"].items():
+        file = str(directory / spec["file"])
+        program = Program(torch._inductor.aoti_load_package(file, run_single_threaded=graphs) if manifest["compiled"]
+                          else torch.export.load(file).module(), precision)
+        if graphs and name in GRAPHED:
+            start = GRAPHED[name]
+            program = GraphedCall(program, range(start, len(spec["inputs"])) if start is not None else ())
+        programs[name] = program
+    return programs
 
 
 class CompiledSampler:
@@ -72,16 +95,7 @@ class CompiledSampler:
         if manifest["torch"] != torch.__version__:
             warnings.warn(f"{directory} was exported with torch {manifest['torch']} and this is torch "
                           f"{torch.__version__}; if it fails to load or run, re-export it with this torch")
-        programs = {}
-        for name, spec in manifest["programs"].items():
-            file = str(directory / spec["file"])
-            program = Program(torch._inductor.aoti_load_package(file) if manifest["compiled"]
-                              else torch.export.load(file).module())
-            if graphs and name in GRAPHED:
-                start = GRAPHED[name]
-                program = GraphedCall(program, range(start, len(spec["inputs"])) if start is not None else ())
-            programs[name] = program
-        return cls(directory, manifest, programs, device)
+        return cls(directory, manifest, load_programs(directory, manifest, graphs), device)
 
     # -- settings ------------------------------------------------------------------------------------------------
     def resolved(self, **overrides) -> dict:

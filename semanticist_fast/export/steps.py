@@ -99,3 +99,16 @@ class LatentDecode(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latents).clamp(0, 1)
+
+
+class Autocast(nn.Module):
+    """A step traced under bf16 autocast (a bf16 CUDA export): the casts go into the graph; the output is fp32, as
+    the eager sampler keeps its state."""
+
+    def __init__(self, step: nn.Module, device_type: str):
+        super().__init__()
+        self.step, self.device_type = step, device_type
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.step(*args).float()

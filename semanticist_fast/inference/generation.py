@@ -11,7 +11,7 @@ from typing import ClassVar, Literal, Optional, Union
 
 import torch
 
-from ..common.device import resolve_device
+from ..common.device import inference_precision, resolve_device
 from ..common.files import sha256_file
 from ..common.runs import weights_file
 from ..config import from_dict, migrate_saved
@@ -84,8 +84,10 @@ def generate(gpt: GPT, labels: torch.Tensor, guidance: float = 1.0,
 def sample_images(gpt: GPT, tokenizer: Tokenizer, labels: torch.Tensor, s: SampleConfig,
                   generator: torch.Generator, progress: bool = False) -> torch.Tensor:
     """Class labels -> images in [0, 1]: the AR model draws the first N tokens, the tokenizer decodes them.
-    progress: a tqdm bar over the decoder's steps."""
-    tokens = generate(gpt, labels, s.guidance, s.guidance_schedule, s.temperature, generator, s.head_steps, s.sampler)
+    progress: a tqdm bar over the decoder's steps. Both models run in the tokenizer's precision."""
+    with inference_precision(labels.device, tokenizer.precision):
+        tokens = generate(gpt, labels, s.guidance, s.guidance_schedule, s.temperature, generator, s.head_steps,
+                          s.sampler)
     return tokenizer.decode(tokens, num_tokens=gpt.num_tokens, guidance=s.decoder_guidance, steps=s.decoder_steps,
                             generator=generator, progress=progress)
 

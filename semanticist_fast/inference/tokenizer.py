@@ -4,15 +4,18 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..common.device import resolve_device
+from ..common.device import check_precision, inference_precision, resolve_device
 from ..models.latent_codec import build_codec
 from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, decoder_process
 from .checkpoints import load_model
 
 
 class Tokenizer:
-    def __init__(self, model: SemanticistTokenizer, codec: torch.nn.Module, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, model: SemanticistTokenizer, codec: torch.nn.Module, device: Union[str, torch.device] = "cpu",
+                 precision: str = "bf16"):
+        """precision: bf16, tf32 or fp32 on a GPU (common/device.py); the CPU always runs fp32."""
         self.device = torch.device(device)
+        self.precision = check_precision(precision)
         self.model = model.to(self.device).eval()
         self.codec = codec.to(self.device).eval()
         self.config: TokenizerConfig = model.cfg
@@ -21,7 +24,7 @@ class Tokenizer:
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: Optional[str] = None,
-                        codec_path: Optional[str] = None) -> "Tokenizer":
+                        codec_path: Optional[str] = None, precision: str = "bf16") -> "Tokenizer":
         """Load a checkpoint's EMA weights (a run directory: its newest checkpoint that verifies)."""
         def with_codec_path(model_config: dict) -> dict:
             if codec_path is None:
@@ -29,7 +32,7 @@ class Tokenizer:
             return {**model_config, "codec": {**model_config["codec"], "path": codec_path}}
 
         model, _, _ = load_model(path, "tokenizer", TokenizerConfig, SemanticistTokenizer, with_codec_path)
-        return cls(model, build_codec(model.cfg.codec), resolve_device(device))
+        return cls(model, build_codec(model.cfg.codec), resolve_device(device), precision)
 
     @property
     def num_slots(self) -> int:
@@ -53,7 +56,8 @@ class Tokenizer:
         if images.shape[-2:] != (size, size):
             raise ValueError(f"this tokenizer takes {size}x{size} images, got {tuple(images.shape[-2:])}; "
                              f"centre-crop them first (semanticist_fast.data.transforms.center_crop_arr)")
-        return self.model.encode(images.to(self.device, torch.float32))
+        with inference_precision(self.device, self.precision):
+            return self.model.encode(images.to(self.device, torch.float32)).float()
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, num_tokens: Optional[int] = None, guidance: Optional[float] = None,
@@ -79,8 +83,9 @@ class Tokenizer:
         dit = self.model.dit
         shape = (tokens.shape[0], dit.in_channels, dit.grid * dit.patch_size, dit.grid * dit.patch_size)
         noise = torch.randn(shape, device=self.device, generator=generator)
-        latents = sample(lambda x, t: dit.forward_guided(x, t, cond, guidance), noise, generator, progress)
-        return self.codec.decode(latents).clamp(0, 1)
+        with inference_precision(self.device, self.precision):
+            latents = sample(lambda x, t: dit.forward_guided(x, t, cond, guidance), noise, generator, progress)
+            return self.codec.decode(latents).float().clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, num_tokens: Sequence[int], **decode_kwargs) -> dict[int, torch.Tensor]:

@@ -9,7 +9,8 @@ Which fast path, when fast paths are on:
   kernels are imported) sends them to Triton too.
 - nested dropout, token standardisation: the C++/CUDA extension `semanticist_fast._C` when it was built
   (its CPU kernels included), else the reference.
-- attention: flash-attn (v3, v4 or v2 interface) on CUDA fp16/bf16 without a mask, else torch SDPA.
+- attention: flash-attn (v3, v4 or v2 interface) on CUDA fp16/bf16 without a mask, else torch SDPA; v4 only for
+  the head dims it lists and outside a torch.compile trace (v2 takes over where it is installed, else SDPA).
 Any input the fast path does not cover (shape, dtype, device) quietly takes the reference.
 """
 import os
@@ -127,33 +128,60 @@ def standardize_tokens(x, eps: float = 1e-6):
 
 # ---- attention ----
 
-def _import_flash_attn():
-    """flash_attn_func of the newest installed flash-attn interface (q, k, v as (B, N, H, Dh)), or None."""
-    for module, name in (("flash_attn_interface", "flash_attn_func"),  # v3 (Hopper)
-                         ("flash_attn.cute", "flash_attn_func"),        # v4 (CuTe DSL)
-                         ("flash_attn", "flash_attn_func")):            # v2
+# The flash-attn interfaces, newest first: module, whether dynamo can trace its flash_attn_func, and the head dims
+# it takes (None: any multiple of 8 up to 256). v4 (CuTe DSL) compiles and launches its kernels from Python
+# (cute.compile, dlpack) through no registered op, so dynamo cannot trace it inside the regional fullgraph=True
+# compile, and its interface lists head dims 64, 96 and 128 only (flash_attn/cute/interface.py; DiT-XL's 72 is not
+# among them). v3 and v2 (2.7+) go through registered torch ops.
+_FLASH_INTERFACES = (("flash_attn_interface", True, None),      # v3 (Hopper)
+                     ("flash_attn.cute", False, (64, 96, 128)),  # v4 (CuTe DSL)
+                     ("flash_attn", True, None))                 # v2
+
+
+def _import_flash_attn() -> dict:
+    """The dispatch's flash state: `func`, the newest installed interface's flash_attn_func (q, k, v as
+    (B, N, H, Dh)) or None; `fallback`, the next one that has none of its limits, for inputs `func` refuses; `limits`,
+    function -> (traceable, head dims) of the imported ones (a function not listed has no limits)."""
+    found = []
+    for module, traceable, head_dims in _FLASH_INTERFACES:
         try:
-            return getattr(__import__(module, fromlist=[name]), name)
+            found.append((getattr(__import__(module, fromlist=["flash_attn_func"]), "flash_attn_func"),
+                          traceable, head_dims))
         except Exception:  # an optional dependency may fail to import in many ways (CUDA, DSL, ABI)
             continue
+    func = found[0][0] if found else None
+    fallback = next((f for f, traceable, dims in found[1:] if traceable and dims is None), None)
+    return {"func": func, "fallback": fallback, "limits": {f: (traceable, dims) for f, traceable, dims in found}}
+
+
+# The seam of the flash path: "func" (and "fallback") take (B, N, H, Dh) tensors on "device_type". Tests put a
+# stand-in here (backed by SDPA, on CPU) to hold the glue below to SDPA.
+_FLASH = {**(_import_flash_attn() if torch.cuda.is_available() else {"func": None, "fallback": None, "limits": {}}),
+          "device_type": "cuda"}
+
+
+def _flash_func(q: Tensor):
+    """The flash implementation for q: `func` unless it cannot take q's head dim, or cannot be traced and a
+    torch.compile trace is running; then the fallback under the same rules; else None (SDPA)."""
+    for func in (_FLASH["func"], _FLASH.get("fallback")):
+        if func is None:
+            continue
+        traceable, head_dims = _FLASH.get("limits", {}).get(func, (True, None))
+        if (traceable or not torch.compiler.is_compiling()) and (head_dims is None or q.shape[-1] in head_dims):
+            return func
     return None
 
 
-# The seam of the flash path: "func" is a flash_attn_func taking (B, N, H, Dh) tensors, used for tensors on
-# "device_type". Tests put a stand-in here (backed by SDPA, on CPU) to hold the glue below to SDPA.
-_FLASH = {"func": _import_flash_attn() if torch.cuda.is_available() else None, "device_type": "cuda"}
-
-
 def _flash_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    return (_FAST["enabled"] and _FLASH["func"] is not None and q.device.type == _FLASH["device_type"]
+    return (_FAST["enabled"] and q.device.type == _FLASH.get("device_type", "cuda")
             and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
             and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
-            and q.shape[1] == k.shape[1] == v.shape[1])
+            and q.shape[1] == k.shape[1] == v.shape[1] and _flash_func(q) is not None)
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     """flash-attn on (B, H, N, Dh) tensors; its causal mask is aligned to the bottom-right corner."""
-    out = _FLASH["func"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    out = _flash_func(q)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
     if isinstance(out, tuple):  # v3 (some releases) and v4 also return the log-sum-exp
         out = out[0]
     return out.transpose(1, 2)

@@ -136,6 +136,18 @@ class DinoV2(nn.Module):
         self.refresh_pos_embed()
         self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_pos_embed())
 
+    def _apply(self, fn, recurse=True):
+        # A cast of the frozen teacher to bf16 (training keeps it in bf16 on a GPU) is for the weights only: the
+        # normalisation constants and the resampled position embedding stay the fp32 values the official
+        # preprocessing uses (bf16 would make the mean 0.485 -> 0.484375); they still follow a change of device.
+        kept = {name: getattr(self, name) for name in ("image_mean", "image_std", "pos_embed_resized")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
     @torch.no_grad()
     def refresh_pos_embed(self) -> None:
         self.pos_embed_resized = interpolate_pos_embed(self.pos_embed.detach(), self.config.token_grid)

@@ -95,7 +95,8 @@ def build(run: ARRun, out_dir: Path, device: torch.device):
         raise ConfigError("data.loader=dali and data.latents are the tokenizer stage's (and `cache`'s); the AR stage "
                           "trains from its token cache: leave them unset")
     source, digest = pinned_tokenizer(run, out_dir)
-    tokenizer = Tokenizer.from_checkpoint(source, device=str(device))
+    # The previews sample in the training precision (train.precision: bf16 or fp32).
+    tokenizer = Tokenizer.from_checkpoint(source, device=str(device), precision=run.train.precision)
     slot_dim = tokenizer.config.encoder.slot_dim
     if run.model.token_dim != slot_dim:
         raise ValueError(f"model.token_dim={run.model.token_dim} but the tokenizer's slots have {slot_dim} dims")

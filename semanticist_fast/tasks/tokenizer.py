@@ -101,7 +101,7 @@ class TokenizerTask:
     def preview(self, model: SemanticistTokenizer, step: int, path: Path) -> None:
         """Reconstructions of fixed held-out images from 1, 2, 4, ... tokens (rows), originals on top."""
         was_training = model.training
-        tok = Tokenizer(model, self.codec, self.device)
+        tok = Tokenizer(model, self.codec, self.device, self.run.train.precision)  # the frozen parts may be bf16
         generator = torch.Generator(self.device).manual_seed(0)
         recs = tok.reconstruct(self.preview_batch, token_counts(model.num_slots), steps=self.run.preview_steps,
                                generator=generator)
