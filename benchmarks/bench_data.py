@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import flops  # noqa: E402
+from semanticist_fast.plan import flops  # noqa: E402
 from benchmarks.common import describe_device, sync, time_call, write_result  # noqa: E402
 from benchmarks.photo_tiles import photo_dir  # noqa: E402
 from semanticist_fast.common.noise import BatchNoise  # noqa: E402
