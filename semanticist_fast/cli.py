@@ -307,6 +307,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .plan.hardware import GPUS
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="semanticist-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="YAML config, as for train")
     pl.add_argument("--gpus", type=_positive("--gpus"), default=1, help="GPUs in all")
     pl.add_argument("--nodes", type=_positive("--nodes"), default=1, help="nodes they span")
-    pl.add_argument("--gpu", default="h100", help="h100, h100-pcie, h200, a100, a100-40, l40s, b200")
+    pl.add_argument("--gpu", default="h100", choices=list(GPUS), help="the GPU: its memory, peak FLOP/s and links")
     pl.add_argument("--images", type=_positive("--images"), default=None,
                     help="training images (default: data.num_items, or ImageNet's 1,281,167 for an imagenet root)")
     pl.add_argument("--mfu", type=float, default=None,

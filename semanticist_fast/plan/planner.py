@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..config import ConfigError
 from ..data.loader import steps_per_epoch
 from ..data.transforms import num_views
 from ..models.dinov2 import DinoV2, DinoV2Config
@@ -88,7 +89,7 @@ def dataset_images(run, images: Optional[int]) -> tuple[int, str]:
     for name, count in KNOWN_DATASETS.items():
         if name in root:
             return count, f"{name} train (data.root={run.data.root})"
-    raise ValueError(f"plan: how many training images does data.root={run.data.root} hold? pass --images N")
+    raise ConfigError(f"plan: how many training images does data.root={run.data.root} hold? pass --images N")
 
 
 def measured_mfu(gpu_name: str, trained_flops: int, store: Path) -> Optional[dict]:
@@ -163,12 +164,15 @@ def make_plan(run, gpus: int = 1, nodes: int = 1, gpu: str = "h100", images: Opt
     """Everything `semanticist-fast plan` prints, as a dict (the --json output)."""
     train = run.train
     if gpus % nodes:
-        raise ValueError(f"--gpus {gpus} does not split over --nodes {nodes}")
+        raise ConfigError(f"--gpus {gpus} does not split over --nodes {nodes}")
     if train.engine == "single" and gpus > 1:
-        raise ValueError(f"train.engine=single runs one process, but --gpus {gpus}: set train.engine=deepspeed "
-                         "(as `train` would ask)")
+        raise ConfigError(f"train.engine=single runs one process, but --gpus {gpus}: set train.engine=deepspeed "
+                          "(as `train` would ask)")
     hw = gpu_named(gpu)
-    micro, accum = train.batch_plan(gpus)
+    try:
+        micro, accum = train.batch_plan(gpus)
+    except ValueError as e:  # what `train` would refuse on this many ranks
+        raise ConfigError(str(e)) from None
     bf16 = train.precision == "bf16"
 
     task, make_batch, frozen = build_task(run)
@@ -231,7 +235,7 @@ def make_plan(run, gpus: int = 1, nodes: int = 1, gpu: str = "h100", images: Opt
 
     def timing(n_gpus: int, n_nodes: int) -> dict:
         link = (hw.nvlink_GBps if n_nodes == 1 else hw.infiniband_GBps) * 1e9
-        m, _ = train.batch_plan(n_gpus)
+        m = min(micro, train.batch_size // n_gpus)  # more GPUs than the config's micro-batch splits over: fewer each
         if n_gpus > 1:
             comm = zero_comm(trainable, step_flops, train.batch_size, n_gpus, m, peak_flops, mfu_used, link)
             eff = comm[f"zero{train.zero_stage}"]["efficiency"]
@@ -240,19 +244,18 @@ def make_plan(run, gpus: int = 1, nodes: int = 1, gpu: str = "h100", images: Opt
         per_gpu = mfu_used * peak_flops / step_flops
         rate = n_gpus * per_gpu * eff
         hours = steps * train.batch_size / rate / 3600
-        return {"gpus": n_gpus, "nodes": n_nodes, "comm_efficiency": eff, "images_per_s": rate,
+        return {"gpus": n_gpus, "nodes": n_nodes, "micro_batch": m, "comm_efficiency": eff, "images_per_s": rate,
                 "hours_per_epoch": hours, "gpu_hours_per_epoch": hours * n_gpus,
                 "hours_total": hours * train.epochs}
 
     per_node = gpus // nodes
     scaling = []
     for n in NODE_COUNTS:
-        try:
-            if train.engine == "single" and n * per_node > 1:
-                continue
-            scaling.append(timing(n * per_node, n))
-        except ValueError:  # the global batch does not split over that many GPUs
-            continue
+        n_gpus = n * per_node
+        if (train.engine == "single" and n_gpus > 1) or train.batch_size % n_gpus or \
+                (train.batch_size // n_gpus) % min(micro, train.batch_size // n_gpus):
+            continue  # the global batch does not split over that many GPUs
+        scaling.append(timing(n_gpus, n))
 
     # Disk.
     disk = {}
@@ -292,7 +295,7 @@ def make_plan(run, gpus: int = 1, nodes: int = 1, gpu: str = "h100", images: Opt
 # ---- the table -----------------------------------------------------------------------------------------------------
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:,.2f} GB"
+    return f"{n / 2 ** 30:,.2f} GiB"
 
 
 def _count(n: float) -> str:
@@ -334,11 +337,11 @@ def format_plan(p: dict) -> str:
               f"  MFU                     {t['mfu']:.0%}, {t['mfu_source']}",
               f"  peak per GPU            {t['peak_tflops']:,.0f} TFLOP/s",
               f"  images per epoch        {t['images']:,} ({t['images_source']}), {t['steps_per_epoch']:,} steps",
-              f"  {'nodes':>5} {'GPUs':>5} {'comm eff':>9} {'img/s':>10} {'h/epoch':>9} {'GPU-h/epoch':>12} "
+              f"  {'nodes':>5} {'GPUs':>5} {'micro':>5} {'comm eff':>9} {'img/s':>10} {'h/epoch':>9} {'GPU-h/epoch':>12} "
               f"{'h for ' + str(t['epochs']) + ' epochs':>16}"]
     for row in t["scaling"]:
         mark = " <" if row["gpus"] == p["gpus"] else ""
-        lines.append(f"  {row['nodes']:>5} {row['gpus']:>5} {row['comm_efficiency']:>9.1%} {row['images_per_s']:>10,.0f} "
+        lines.append(f"  {row['nodes']:>5} {row['gpus']:>5} {row['micro_batch']:>5} {row['comm_efficiency']:>9.1%} {row['images_per_s']:>10,.0f} "
                      f"{row['hours_per_epoch']:>9.3f} {row['gpu_hours_per_epoch']:>12.2f} {row['hours_total']:>16,.1f}"
                      f"{mark}")
     lines += ["", "disk"]
