@@ -37,6 +37,9 @@ AR_TINY = ROOT / "configs" / "autoregressive_tiny.yaml"
 # A larger pixel tokenizer, trained in two micro-steps per optimizer step (gradients held across them).
 SMALL = ["model.image_size=64", "model.encoder.dim=128", "model.encoder.num_slots=16", "model.decoder.hidden=128",
          "train.batch_size=16", "train.grad_accum=2"]
+# The issue asks for 15 %; the plans agree within bytes (one process) and 2 % (ZeRO-3), and a tolerance this tight
+# fails a plan that forgets any one part of the state (the master weights are 11 % of the ZeRO runs' peak).
+TOLERANCE = 0.05
 CASES = {"tokenizer-tiny": (TOKENIZER_TINY, []), "ar-tiny": (AR_TINY, []), "tokenizer-small": (TOKENIZER_TINY, SMALL)}
 
 
@@ -133,13 +136,63 @@ def test_parameters_are_the_models(name, plans, measured):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_memory_within_15_percent_of_a_real_step(name, plans, measured):
+def test_memory_matches_a_real_step(name, plans, measured):
     mem, real = plans[name]["memory"], measured[name]
     state = sum(v for k, v in mem["state"].items() if k not in ("gradients", "offloaded_to_host"))
     step = mem["peak"] - state - mem["frozen_models"]  # activations, gradients, temporaries of the step
     assert state == pytest.approx(real["state"], rel=0.02), (state, real["state"])
-    assert step == pytest.approx(real["step"], rel=0.15), (step, real["step"])
-    assert mem["peak"] == pytest.approx(real["state"] + real["step"], rel=0.15)
+    assert step == pytest.approx(real["step"], rel=TOLERANCE), (step, real["step"])
+    assert mem["peak"] == pytest.approx(real["state"] + real["step"], rel=TOLERANCE)
+
+
+def measure_deepspeed_step(stage: int) -> dict:
+    """In a process of its own (a one-rank process group): the small run's two steps under DeepSpeed ZeRO-`stage`
+    with small buckets, everything it allocates from the model's construction on profiled; and its plan."""
+    from semanticist_fast.engine.zero import DeepSpeedOptimizerStep
+
+    run = load(TOKENIZER_TINY, SMALL + DEEPSPEED + [f"train.zero_stage={stage}"])
+    world = init_world("deepspeed", "cpu", 60.0)
+    plan = planner.make_plan(run, gpus=world.size)
+    torch.manual_seed(0)
+    micro, accum = run.train.batch_plan(world.size)
+    generator = torch.Generator().manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        task = real_task(run)
+        engine = DeepSpeedOptimizerStep(task.model, task.loss, run.train, run.optim, 1e-4, world.size, world.device)
+        shard = engine.shard()
+        ema = EMA(shard.fragments, 0.999, [f.master.detach().clone() for f in shard.fragments])  # as the trainer
+        for step in range(2):
+            for a in range(accum):
+                batch = real_batch(run, micro, generator)
+                rng = BatchNoise(derive_seed(0, NOISE_STREAM, step), run.train.batch_size,
+                                 slice(a * micro, (a + 1) * micro), "cpu")
+                loss, _ = engine.loss(batch, 10 ** 6, 10 ** 6, rng)
+                engine.backward(loss)
+                del loss, batch, rng
+            engine.step(1e-4)
+            ema.update()
+    return {"measured": allocation_peak(prof), "planned": plan["memory"]["peak"]}
+
+
+DEEPSPEED = ["train.engine=deepspeed", "train.zero.reduce_bucket_size=1000000",
+             "train.zero.allgather_bucket_size=1000000", "train.zero.prefetch_bucket_size=1000000"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_memory_matches_a_real_deepspeed_step(stage):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "2"}
+    code = f"import json, test_plan; print('RESULT', json.dumps(test_plan.measure_deepspeed_step({stage})))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert result["planned"] == pytest.approx(result["measured"], rel=TOLERANCE), result
 
 
 def test_steps_per_epoch_are_the_trainers(tmp_path):
