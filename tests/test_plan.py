@@ -37,8 +37,8 @@ AR_TINY = ROOT / "configs" / "autoregressive_tiny.yaml"
 # A larger pixel tokenizer, trained in two micro-steps per optimizer step (gradients held across them).
 SMALL = ["model.image_size=64", "model.encoder.dim=128", "model.encoder.num_slots=16", "model.decoder.hidden=128",
          "train.batch_size=16", "train.grad_accum=2"]
-# The issue asks for 15 %; the plans agree within bytes (one process) and 2 % (ZeRO-3), and a tolerance this tight
-# fails a plan that forgets any one part of the state (the master weights are 11 % of the ZeRO runs' peak).
+# The issue asks for 15 %; the plans agree within bytes (one process, ZeRO-2), and a tolerance this tight fails a
+# plan that forgets any one part of the state (the master weights are 11 % of the ZeRO runs' peak).
 TOLERANCE = 0.05
 CASES = {"tokenizer-tiny": (TOKENIZER_TINY, []), "ar-tiny": (AR_TINY, []), "tokenizer-small": (TOKENIZER_TINY, SMALL)}
 
@@ -192,7 +192,9 @@ def test_zero_memory_matches_a_real_deepspeed_step(stage):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.split("RESULT", 1)[1])
-    assert result["planned"] == pytest.approx(result["measured"], rel=TOLERANCE), result
+    # ZeRO-3 gathers and releases parameters around each module as its prefetch runs ahead: its peak moves by a
+    # few percent from run to run (377 to 411 MB here), so it is held to the issue's 15 %.
+    assert result["planned"] == pytest.approx(result["measured"], rel=TOLERANCE if stage < 3 else 0.15), result
 
 
 def test_steps_per_epoch_are_the_trainers(tmp_path):
