@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import flops  # noqa: E402
+from semanticist_fast.plan import flops  # noqa: E402
 from benchmarks.common import (add_record_arguments, check_clean, describe_device, interleaved,  # noqa: E402
                                ratio_stats, sync, write_result)
 from benchmarks.photo_tiles import photo_dir  # noqa: E402

@@ -30,9 +30,10 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import flops  # noqa: E402
+from semanticist_fast.plan import flops  # noqa: E402
 from benchmarks.common import (add_record_arguments, check_clean, describe_device, format_ratio,  # noqa: E402
                                interleaved, ratio_stats, write_result)
+from semanticist_fast.plan.comm import zero_comm  # noqa: E402
 from semanticist_fast.models.gpt import GPT, GPTConfig  # noqa: E402
 from semanticist_fast.models.tokenizer import SemanticistTokenizer  # noqa: E402
 
@@ -80,29 +81,11 @@ def trainable_params(model: torch.nn.Module) -> int:
 
 def model_zero(name: str, params: int, flops_per_image: float, gpus: int, mfu: float, micro_batch: int) -> dict:
     """One step of global batch GLOBAL_BATCH on `gpus` GPUs in micro-steps of up to `micro_batch` images (the
-    published configs' train.micro_batch_size), ZeRO-2 and ZeRO-3, fp32 weights and gradients."""
-    per_gpu_images = GLOBAL_BATCH / gpus
-    micro = min(micro_batch, per_gpu_images)
-    accum = per_gpu_images / micro
-    compute_s = per_gpu_images * flops_per_image / (PEAK_BF16_TFLOPS * 1e12 * mfu)
-    micro_s = compute_s / accum
+    published configs' train.micro_batch_size): semanticist_fast/plan/comm.py's ZeRO model."""
     bandwidth = (NVLINK_GBPS if gpus <= GPUS_PER_NODE else IB_GBPS) * 1e9  # a ring runs at its slowest link
-    volume = (gpus - 1) / gpus * 4 * params  # bytes each rank sends for one ring collective of fp32 tensors
-    out = {"workload": name, "gpus": gpus, "params": params, "images_per_gpu": per_gpu_images,
-           "micro_steps": accum, "compute_s": compute_s, "link_GBps": bandwidth / 1e9}
-    # ZeRO-2: every micro-step reduce-scatters its gradients during its backward (2/3 of its compute); the updated
-    # weights are all-gathered once, after the step, with nothing left to hide behind.
-    rs_s, ag_s = volume / bandwidth, volume / bandwidth
-    z2_exposed = accum * max(0.0, rs_s - micro_s * 2 / 3) + ag_s
-    out["zero2"] = {"bytes_per_gpu": (accum + 1) * volume, "comm_s": accum * rs_s + ag_s, "exposed_s": z2_exposed,
-                    "efficiency": compute_s / (compute_s + z2_exposed)}
-    # ZeRO-3: every micro-step all-gathers the weights for its forward and again for its backward, and
-    # reduce-scatters its gradients; with prefetch all three hide behind the micro-step's compute.
-    z3_micro = 3 * volume / bandwidth
-    z3_exposed = accum * max(0.0, z3_micro - micro_s)
-    out["zero3"] = {"bytes_per_gpu": accum * 3 * volume, "comm_s": accum * z3_micro, "exposed_s": z3_exposed,
-                    "efficiency": compute_s / (compute_s + z3_exposed)}
-    return out
+    return {"workload": name, "gpus": gpus, "params": params,
+            **zero_comm(params, flops_per_image, GLOBAL_BATCH, gpus, micro_batch, PEAK_BF16_TFLOPS * 1e12, mfu,
+                        bandwidth)}
 
 
 def comm_model(mfu: float) -> list[dict]:

@@ -25,9 +25,9 @@ losses differ only by:
 
 The frozen parts of the tokenizer step are not run: random latents (B, 16, 16, 16) stand in for the VAE encoder and
 a random (B, 256, 768) target for the DINOv2 teacher (REPA on unless --no-repa). TFLOP/s and MFU count the trained
-parts only (3 x forward, benchmarks/flops.py); MFU divides by the dense bf16 peak of the GPU (H100 SXM / H200: 989
-TFLOP/s) or --peak-tflops. Peak memory, per variant over its build, first and warm-up steps (both variants stay
-alive to take turns): torch.cuda.max_memory_allocated less what was allocated before its build on GPU; on CPU the
+parts only (3 x forward, semanticist_fast/plan/flops.py); MFU divides by the dense bf16 peak of the GPU (H100 SXM /
+H200: 989 TFLOP/s) or --peak-tflops. Peak memory, per variant over its build, first and warm-up steps (both
+variants stay alive to take turns): torch.cuda.max_memory_allocated less what was allocated before its build on GPU; on CPU the
 process's peak RSS, the other variant included: a rough figure.
 Appends a record to the results store (benchmarks/results/history.jsonl) unless --no-write.
 """
@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import flops  # noqa: E402
+from semanticist_fast.plan import flops  # noqa: E402
 from benchmarks.common import (add_record_arguments, check_clean, describe_device, format_ratio,  # noqa: E402
                                interleaved, ratio_stats, sync, write_result)
 from semanticist_fast.engine.ema import EMA  # noqa: E402
@@ -90,7 +90,7 @@ class Workload:
     name: str
     batch: int
     grad_clip: float
-    flops: dict[str, int]  # per image, from benchmarks/flops.py
+    flops: dict[str, int]  # per image, from semanticist_fast/plan/flops.py
     trained_flops: int  # per image, forward + backward of the trained parts
     # (device, size, generator) -> (the loader's batch, fixed outputs of the frozen models)
     make_inputs: Callable[[torch.device, int, torch.Generator], tuple[tuple, tuple]]

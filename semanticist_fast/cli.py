@@ -1,5 +1,5 @@
-"""`semanticist-fast` (also `python -m semanticist_fast`): train, cache, reconstruct, sample, convert, eval, export,
-demo.
+"""`semanticist-fast` (also `python -m semanticist_fast`): train, plan, cache, reconstruct, sample, convert, eval,
+export, demo.
 
 Exit codes: 0 done; 1 a runtime error (a file that cannot be used, a non-finite run, a rank that died, a full
 disk); 2 a usage error (a bad option, config key or value); 75 stopped by a signal after writing a checkpoint
@@ -38,6 +38,17 @@ def cmd_train(args) -> int:
     run = load_config(spec.run_config, args.config, args.overrides)
     metrics = train(run, Path(args.out), resume=args.resume, deepspeed_config=load_deepspeed_config(args.deepspeed_config))
     log.info("done: %s", json.dumps(metrics))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan.planner import format_plan, make_plan
+    from .tasks import spec_for_file
+
+    run = load_config(spec_for_file(args.config).run_config, args.config, args.overrides)
+    plan = make_plan(run, args.gpus, args.nodes, args.gpu, args.images, args.mfu, args.views)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -313,6 +324,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .plan.hardware import GPUS
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="semanticist-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,6 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     # Launchers that pass the local rank as an argument (the env var LOCAL_RANK is what counts).
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     t.set_defaults(fn=cmd_train)
+
+    pl = sub.add_parser("plan", help="what `train CONFIG` would cost: parameters, FLOPs, memory per GPU, time, "
+                                     "disk (no weights or data read)", formatter_class=fmt)
+    pl.add_argument("config", help="YAML config, as for train")
+    pl.add_argument("--gpus", type=_positive("--gpus"), default=1, help="GPUs in all")
+    pl.add_argument("--nodes", type=_positive("--nodes"), default=1, help="nodes they span")
+    pl.add_argument("--gpu", default="h100", choices=list(GPUS), help="the GPU: its memory, peak FLOP/s and links")
+    pl.add_argument("--images", type=_positive("--images"), default=None,
+                    help="training images (default: data.num_items, or ImageNet's 1,281,167 for an imagenet root)")
+    pl.add_argument("--mfu", type=float, default=None,
+                    help="model FLOPs utilisation (default: the results store's for this model and GPU, else 0.4)")
+    pl.add_argument("--views", choices=["ten_crop", "center_flip", "center"], default=None,
+                    help="views per image of the cache (default: cache.views; the latent cache: ten_crop)")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
+    pl.set_defaults(fn=cmd_plan)
 
     k = sub.add_parser("cache", help="encode a tokenizer config's training images once: the VAE posterior of every "
                                      "view, for data.latents=DIR", formatter_class=fmt)

@@ -14,7 +14,8 @@ import torch.utils.flop_counter as flop_counter
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed: use the checkout's
-from benchmarks import bench_train, flops  # noqa: E402
+from benchmarks import bench_train  # noqa: E402
+from semanticist_fast.plan import flops  # noqa: E402
 from helpers import micro_tokenizer_run  # noqa: E402
 from semanticist_fast.common.runs import list_checkpoints  # noqa: E402
 from semanticist_fast.engine.checkpoint import consolidated_slices  # noqa: E402

@@ -43,11 +43,12 @@ class KL16Codec(nn.Module):
 
     downsample = 16
 
-    def __init__(self, cfg: CodecConfig):
+    def __init__(self, cfg: CodecConfig, vae: Optional[nn.Module] = None):
+        """vae: an AutoencoderKL already built (the planner's weightless one) instead of loading cfg.path."""
         super().__init__()
         from .vae_kl import load_autoencoder_kl
 
-        self.vae, self.scaling_factor = load_autoencoder_kl(cfg.path)
+        self.vae, self.scaling_factor = load_autoencoder_kl(cfg.path) if vae is None else (vae, vae.config.scaling_factor)
         self.vae.requires_grad_(False).eval()
         self.channels = self.vae.config.latent_channels
         self.downsample = self.vae.downsample_factor

@@ -8,19 +8,17 @@ attention skips about a quarter of the encoder's score matrix and causal masks h
 Training = 3 x forward for the trained parts (forward, plus backward for activation and weight gradients);
 the frozen VAE encoder and DINOv2 teacher run forward only (and are cacheable).
 
-    python benchmarks/flops.py   # the published configurations against SEMANTICIST.md "Cost (FLOPs)"
-"""
-import sys
-from pathlib import Path
+The one FLOP counter: `semanticist-fast plan` and the benchmarks (bench_train, bench_scaling, bench_data) use it.
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from semanticist_fast.models.dinov2 import DinoV2Config  # noqa: E402
-from semanticist_fast.models.dit import DecoderConfig  # noqa: E402
-from semanticist_fast.models.gpt import GPTConfig, ffn_hidden  # noqa: E402
-from semanticist_fast.models.latent_codec import CodecConfig, codec_geometry  # noqa: E402
-from semanticist_fast.models.tokenizer import TokenizerConfig  # noqa: E402
-from semanticist_fast.models.vae_kl import VAEConfig  # noqa: E402
-from semanticist_fast.models.vit import EncoderConfig  # noqa: E402
+    python -m semanticist_fast.plan.flops   # the published configurations against SEMANTICIST.md "Cost (FLOPs)"
+"""
+from ..models.dinov2 import DinoV2Config
+from ..models.dit import DecoderConfig
+from ..models.gpt import GPTConfig, ffn_hidden
+from ..models.latent_codec import CodecConfig, codec_geometry
+from ..models.tokenizer import TokenizerConfig
+from ..models.vae_kl import VAEConfig
+from ..models.vit import EncoderConfig
 
 TIMESTEP_FREQUENCY_DIM = 256  # layers.TimestepEmbedder's sinusoid width
 
