@@ -431,6 +431,9 @@ def _exit_code(error: BaseException) -> int:
 
 
 def main(argv=None) -> int:
+    from .common.launcher import die_with_launcher
+
+    die_with_launcher()  # before anything slow: a launcher killed during start-up leaves no rank behind
     from .common.distributed import ranks_from_env
     from .engine.trainer import EXIT_RESUMABLE, StopRequested
 
