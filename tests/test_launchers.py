@@ -4,7 +4,9 @@ common/launcher.py), the other node's rank exits within the collective deadline,
 run to the losses and weights of an uninterrupted single process."""
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -144,3 +146,37 @@ def test_torchrun_two_agents_one_killed_the_other_exits_and_the_run_resumes(refe
     meta = read_meta(list_checkpoints(out)[-1])
     assert (meta["step"], meta["world_size"]) == (STEPS, 2)
     assert_same_run(reference, out, atol=WEIGHTS_ATOL)
+
+
+# ---- common/launcher.py on its own (no torch: a parent that starts a child and is killed) ----
+
+CHILD = ("import sys, time; from semanticist_fast.common.launcher import die_with_launcher; die_with_launcher(); "
+         "print('up', flush=True); time.sleep(120)")
+PARENT = ("import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+          "start_new_session=True); print(p.pid, flush=True); p.wait()")
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["launched", "plain"])
+def test_a_child_dies_with_its_parent_only_when_a_launcher_started_it(launched):
+    env = {k: v for k, v in SCRIPT_ENV.items() if k not in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID",
+                                                             "SEMANTICIST_LAUNCHER_PID")}
+    if launched:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert parent.stdout.readline().strip() == "up"  # the child shares the parent's stdout
+        parent.kill()
+        parent.wait(timeout=30)
+        assert wait_until(lambda: not alive(child), 10 if launched else 2) == launched
+    finally:
+        kill_all([parent], [child])
+
+
+def test_a_rank_whose_named_launcher_is_gone_exits_at_once():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    env = {**SCRIPT_ENV, "SEMANTICIST_LAUNCHER_PID": f"{gone.pid}@{socket.gethostname()}"}
+    r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "up" not in r.stdout, r.stdout + r.stderr
+    assert f"the launcher (pid {gone.pid}) is gone" in r.stderr
