@@ -19,5 +19,7 @@ args=(--no_local_rank)
 [[ -n "${NUM_GPUS:-}" ]] && args+=(--num_gpus "$NUM_GPUS")
 [[ -n "${MASTER_ADDR:-}" ]] && args+=(--master_addr "$MASTER_ADDR")
 [[ -n "${MASTER_PORT:-}" ]] && args+=(--master_port "$MASTER_PORT")
+# The ranks end when this launcher does, even on SIGKILL (semanticist_fast/common/launcher.py).
+export SEMANTICIST_LAUNCHER_PID="$$@$HOSTNAME"
 exec deepspeed "${args[@]}" --module semanticist_fast train "$config" --out "$out" --resume \
   train.engine=deepspeed "$@"

@@ -13,6 +13,8 @@ if [[ $# -lt 2 ]]; then
 fi
 config=$1 out=$2
 shift 2
+# The ranks end when this launcher does, even on SIGKILL (semanticist_fast/common/launcher.py).
+export SEMANTICIST_LAUNCHER_PID="$$@$HOSTNAME"
 exec torchrun --nnodes "${NUM_NODES:-1}" --nproc-per-node "${NPROC_PER_NODE:-gpu}" \
   --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" --rdzv-id "${RUN_ID:-semanticist}" \
   -m semanticist_fast train "$config" --out "$out" --resume train.engine=deepspeed "$@"

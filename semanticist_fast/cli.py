@@ -481,6 +481,9 @@ def _exit_code(error: BaseException) -> int:
 
 
 def main(argv=None) -> int:
+    from .common.launcher import die_with_launcher
+
+    die_with_launcher()  # before anything slow: a launcher killed during start-up leaves no rank behind
     parser = build_parser()
     # Overrides may follow options (`train CFG --out DIR a.b=1`), which plain argparse would refuse.
     args, extra = parser.parse_known_args(argv)
