@@ -372,7 +372,7 @@ def test_under_load(runs, tmp_path):
     the deadline of every request that can be ahead of it), every abusive one refused or stopped with its one line,
     the burst's overflow told the demo is busy, and the server stays up with its memory flat. Speed: bench_demo.py.
     """
-    from gradio_client.exceptions import QueueError
+    from gradio_client.utils import QueueError
 
     from benchmarks import bench_demo as bench
 
