@@ -191,14 +191,17 @@ def cmd_demo(args) -> int:
         raise RuntimeError(f"the demo needs {e.name}: pip install -c constraints.txt -e .[demo]") from None
     import torch
 
-    from .demo.handlers import load_models
+    from .config import load_config
+    from .demo.handlers import DemoLimits, load_models
 
+    limits = load_config(DemoLimits, None, args.limit)  # before the models load: a bad key fails at once
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     torch.set_num_threads(args.threads)
     if args.compiled and args.precision:
         raise UsageError("demo --compiled: the export fixed the precision of the generation tab; drop --precision "
                          "(or re-export with it)")
-    models = load_models(args.tokenizer, args.ar, args.compiled, args.device, precision=_precision(args))
+    models = load_models(args.tokenizer, args.ar, args.compiled, args.device, precision=_precision(args),
+                         limits=limits)
     log.info("serving the demo on http://%s:%d (Ctrl-C stops it)", args.host, args.port)
     launch(models, args.host, args.port)
     return 0
@@ -470,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_positive("--threads"), default=1,
                    help="CPU threads for the model calls: the tiny models answer fastest on one; raise it for "
                         "large models on a CPU")
+    d.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                   help="raise or lower a bound on one request's work, e.g. flow_steps=1000 or request_seconds=600 "
+                        "(repeatable; the keys and defaults: README, Browser demo)")
     d.set_defaults(fn=cmd_demo)
     return p
 

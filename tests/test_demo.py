@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -162,8 +164,8 @@ def test_bad_input_gets_a_message(models, tmp_path, monkeypatch):
     Image.new("L", (8000, 6000)).save(huge)  # 48 megapixels of one grey: a small file, refused by its header
     with pytest.raises(DemoInputError, match=r"huge\.png is 8000x6000 \(48\.0 megapixels\); at most 40"):
         handlers.reconstruct_gallery(models, str(huge), [1])
-    monkeypatch.setattr(handlers, "MAX_UPLOAD_BYTES", 1000)
-    with pytest.raises(DemoInputError, match=r"the demo takes files up to"):
+    monkeypatch.setattr(models, "limits", replace(models.limits, upload_mib=0.001))
+    with pytest.raises(DemoInputError, match=r"the demo takes files up to 0\.001 MiB"):
         handlers.input_image(models, str(huge))
     monkeypatch.undo()
     with pytest.raises(DemoInputError, match="no image"):
@@ -180,7 +182,7 @@ def test_bad_input_gets_a_message(models, tmp_path, monkeypatch):
         handlers.reconstruct_gallery(models, 0, [])
     with pytest.raises(DemoInputError, match="euler0|steps"):
         handlers.reconstruct_gallery(models, 0, [1], steps="euler0")
-    with pytest.raises(DemoInputError, match="guidance must be at least 0"):
+    with pytest.raises(DemoInputError, match=r"decoder guidance must be in 0\.\.20 \(1 is none\), got -1"):
         handlers.reconstruct_gallery(models, 0, [1], guidance=-1)
 
 
@@ -214,6 +216,77 @@ def test_generation_grid_and_download(models, runs):
         handlers.generate_grid(models, [0], temperature=0)
     with pytest.raises(DemoInputError, match="guidance schedule 'cosine'"):
         handlers.generate_grid(models, [0], guidance_schedule="cosine")
+
+
+def test_the_limits_bound_each_request(models, monkeypatch):
+    """Beyond a bound, one line naming it; at the bound, an answer. The tiny tokenizer decodes with a flow process."""
+    assert models.tokenizer.config.diffusion.objective == "flow"
+    limits = models.limits
+    assert limits == handlers.DemoLimits()  # the defaults the README states
+    too_many = f"euler{limits.flow_steps + 1}"
+    with pytest.raises(DemoInputError, match=rf"{too_many} make {limits.flow_steps + 1} network calls; the demo "
+                                             rf"allows at most {limits.flow_steps} a decode"):
+        handlers.reconstruct_gallery(models, 0, [1], steps=too_many)
+    with pytest.raises(DemoInputError, match=f"make {limits.flow_steps + 2} network calls"):
+        handlers.reconstruct_gallery(models, 0, [1], steps=f"heun{limits.flow_steps + 2}")
+    with pytest.raises(DemoInputError, match=r"decoder steps euler10000000000\.\.\.: give a sampler"):
+        handlers.reconstruct_gallery(models, 0, [1], steps="euler" + "1" + "0" * 4000)
+    at_bound = handlers.reconstruct_gallery(models, 0, [1], steps=f"euler{limits.flow_steps}")
+    assert at_bound.counts == [1]
+    for guidance in (20.5, float("nan"), "lots"):
+        with pytest.raises(DemoInputError, match="decoder guidance must"):
+            handlers.reconstruct_gallery(models, 0, [1], guidance=guidance)
+        with pytest.raises(DemoInputError, match="class guidance must"):
+            handlers.generate_grid(models, [0], 1, guidance=guidance)
+    with pytest.raises(DemoInputError, match=r"temperature must be above 0 and at most 2, got 2\.5"):
+        handlers.generate_grid(models, [0], 1, temperature=2.5)
+    with pytest.raises(DemoInputError, match=r"the seed must be in 0\.\.2\^63-1, got -1"):
+        handlers.reconstruct_gallery(models, 0, [1], seed=-1)
+    with pytest.raises(DemoInputError, match="the seed must be a number"):
+        handlers.generate_grid(models, [0], 1, seed=float("inf"))
+    # A trusted user's limits: what they allow runs, what they forbid is refused with their numbers.
+    monkeypatch.setattr(models, "limits", replace(limits, flow_steps=3, per_class=2, samples=3))
+    with pytest.raises(DemoInputError, match="at most 3 a decode"):
+        handlers.reconstruct_gallery(models, 0, [1], steps="euler4")
+    with pytest.raises(DemoInputError, match=r"samples per class must be in 1\.\.2, got 3"):
+        handlers.generate_grid(models, [0], 3)
+    with pytest.raises(DemoInputError, match="2 classes x 2 is 4 images; the demo draws at most 3 at once"):
+        handlers.generate_grid(models, [0, 1], 2)
+    assert handlers.reconstruct_gallery(models, 0, [1], steps="euler3").counts == [1]
+    # The README names every limit (the keys of `demo --limit KEY=VALUE`) with its default.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = " ".join(readme.split("### Browser demo", 1)[1].split("\n### ", 1)[0].split())
+    for key, value in asdict(handlers.DemoLimits()).items():
+        assert f"`{key}` {value:g}" in section or f"`{key}` {value:,}" in section, (key, value)
+
+
+def test_deadline_and_a_gone_client_stop_the_model_work(models, monkeypatch):
+    """A request runs until its deadline or until its client is gone, then stops between two network calls: the
+    model's slot is free again at once, and the next request is answered."""
+    calls = []
+
+    def never_gone() -> bool:  # asked once per network call: counts them
+        calls.append(1)
+        return False
+
+    monkeypatch.setattr(models, "limits", replace(models.limits, flow_steps=10**9, request_seconds=0.5))
+    with pytest.raises(handlers.RequestStopped, match=r"stopped: it ran past 0\.5 s of model time"):
+        handlers.reconstruct_gallery(models, 0, [1], steps="euler1000000", cancelled=never_gone)
+    assert 0 < len(calls) < 1_000_000  # stopped on the way, not at the end
+
+    def gone_after(n: int):
+        asked = []
+        return lambda: asked.append(1) or len(asked) > n
+
+    with pytest.raises(handlers.RequestStopped, match="stopped: its client has gone"):
+        handlers.reconstruct_gallery(models, 0, [1, 2], steps="euler1000", cancelled=gone_after(5))
+    # Generation: the AR model's head steps stop alike (4 head steps per token, 4 tokens, then the decoder).
+    gen_calls = []
+    with pytest.raises(handlers.RequestStopped, match="its client has gone"):
+        handlers.generate_grid(models, [0], 1, cancelled=lambda: gen_calls.append(1) or len(gen_calls) > 6)
+    assert len(gen_calls) == 7  # the seventh network call was refused
+    result = handlers.generate_grid(models, [0], 1, cancelled=lambda: False)
+    assert len(result.images) == 1
 
 
 def test_downloads_stay_bounded(models, monkeypatch):
@@ -283,6 +356,102 @@ def test_the_command_serves_the_page_on_localhost(runs):
         output = server.communicate(timeout=30)[0]
     assert server.returncode == 0, output[-3000:]
     assert f"serving the demo on http://127.0.0.1:{port}" in output and "Traceback" not in output
+
+
+# The load test's server: the micro models answer a well-formed request in well under a second, so a 2 s deadline
+# only cuts off the abusive euler100000 (the flow bound raised to let it start: the deadline, not the bound, stops it).
+LOAD_LIMITS = {"flow_steps": 100_000, "request_seconds": 2.0, "queue": 8, "sessions": 8}
+WELL_FORMED_CLIENTS, REQUESTS_EACH = 6, 4
+RSS_GROWTH_MIB = 32  # the server's growth over two more rounds of the whole mix, once warm (measured: 0 to 8 MiB)
+
+
+def test_under_load(runs, tmp_path):
+    """The `demo` command on loopback under concurrent gradio_client clients: well-formed tokenizer and generation
+    requests, requests beyond every bound, and a client that drops its connection mid-request, all at once; then a
+    burst past the queue's bound. Every well-formed request is answered (each within the time the limits promise:
+    the deadline of every request that can be ahead of it), every abusive one refused or stopped with its one line,
+    the burst's overflow told the demo is busy, and the server stays up with its memory flat. Speed: bench_demo.py.
+    """
+    from gradio_client.utils import QueueError
+
+    from benchmarks import bench_demo as bench
+
+    image = save_png(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)), tmp_path / "image.png")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (8000, 6000)).save(huge)
+    port, log = free_port(), tmp_path / "server.log"
+    url = f"http://127.0.0.1:{port}/"
+    server = bench.serve(runs[0], runs[1], port, [f"{k}={v}" for k, v in LOAD_LIMITS.items()], log)
+    # The most a well-formed request can wait: every request that can be ahead of it (the queue's bound, and the
+    # one running) using its whole deadline; plus slack for a loaded 2-core machine.
+    promised = (LOAD_LIMITS["queue"] + 1) * LOAD_LIMITS["request_seconds"] + 30
+
+    def mix():
+        with ThreadPoolExecutor(3) as pool:
+            load = pool.submit(bench.load_round, url, image, WELL_FORMED_CLIENTS, REQUESTS_EACH, classes)
+            abuse = pool.submit(bench.abusive_requests, url, image, huge, classes)
+            gone = pool.submit(bench.disconnect_mid_request, url, image, "euler100000")
+            return load.result(timeout=300), abuse.result(timeout=300), gone.result(timeout=300)
+
+    try:
+        bench.wait_up(url, server)
+        classes = bench.class_choices(url)
+        mix()
+        bench.load_round(url, image, WELL_FORMED_CLIENTS, REQUESTS_EACH, classes)  # warm: memory at its working size
+        warm = bench.rss_mib(server.pid)
+        rounds = [mix(), mix()]
+        grown = bench.rss_mib(server.pid) - warm
+
+        # A burst past the queue's bound while one request holds the model: the overflow is told to try again.
+        burst = bench.connect(url, image)
+        hold = burst.submit(["1"], 1.0, "euler100000", 0, api_name="/on_reconstruct")
+        time.sleep(0.5)  # hold is running: what follows waits or is refused
+        waiting = [burst.submit(["1"], 1.0, "euler2", i, api_name="/on_reconstruct")
+                   for i in range(LOAD_LIMITS["queue"] + 8)]
+        outcomes = []
+        for job in [hold, *waiting]:
+            try:
+                outcomes.append(job.result(timeout=promised))
+            except QueueError as e:
+                outcomes.append(f"busy: {e}")
+            except Exception as e:  # the page's one line
+                outcomes.append(f"error: {e}")
+        burst.close()
+        after = bench.load_round(url, image, 1, 2, classes)  # still up, still answering
+    finally:
+        code = bench.stop(server)
+    output = log.read_text()
+    assert code == 0, output[-3000:]
+
+    for load, abuse, last in rounds:
+        assert len(load["answers"]) == WELL_FORMED_CLIENTS * REQUESTS_EACH
+        for answer in load["answers"]:
+            assert re.search(r"Decoded 2 reconstructions in [\d.]+ s|4 images in [\d.]+ s", answer), answer
+        assert max(load["latencies"]) < promised, sorted(load["latencies"])[-3:]
+        bounds = LOAD_LIMITS["flow_steps"]
+        assert abuse == {
+            "decoder steps euler100000": "stopped: it ran past 2 s of model time, the most one request may take "
+                                         "here: ask for fewer steps, token counts or samples",
+            "decoder steps euler99999999": f"decoder steps euler99999999 make 99999999 network calls; the demo allows "
+                                           f"at most {bounds} a decode",
+            "decoder guidance 1e6": "decoder guidance must be in 0..20 (1 is none), got 1e+06",
+            "class guidance -3": "Value -3.0 is less than minimum value 0.",  # Gradio's own check comes first
+            "17 samples per class": "Value 17 is greater than maximum value 16.",
+            "80 samples": "5 classes x 16 is 80 images; the demo draws at most 64 at once",
+            "temperature 50": "Value 50.0 is greater than maximum value 2.0.",
+            "a 48-megapixel image": "image huge.png is 8000x6000 (48.0 megapixels); at most 40 megapixels are taken: "
+                                    "downscale it"}, abuse
+        assert '"msg":"progress"' in last  # it dropped the connection while its request ran
+    assert output.count("request stopped: its client has gone") == 3  # each disconnect stopped the model work
+    assert output.count("request stopped: it ran past 2 s") == 3 + 1  # the abusive euler100000s and the burst's hold
+    assert grown < RSS_GROWTH_MIB, (warm, grown)
+
+    assert outcomes[0].startswith("error: stopped: it ran past 2 s")
+    busy = [o for o in outcomes if isinstance(o, str) and o.startswith("busy")]
+    served = [o for o in outcomes[1:] if o not in busy]
+    assert busy and all("Queue is full! Please try again." in o for o in busy), outcomes
+    assert served and all(isinstance(o, tuple) for o in served), outcomes  # the rest were answered
+    assert len(after["answers"]) == 2
 
 
 @pytest.fixture

@@ -2,9 +2,12 @@
 
 Every model event shares one queue slot (concurrency id "model", limit 1), so requests wait their turn and the
 page shows their place in the queue; the diffusion steps report progress (the samplers' tqdm bars, tracked by
-Gradio). A handler's DemoInputError, or any other failure, reaches the page as one line in an error toast and
-the status line, never as a traceback (the server log keeps the traceback of unexpected failures). The server
-binds to 127.0.0.1 unless told otherwise; Gradio's telemetry is off and the page loads nothing from outside.
+Gradio). The queue holds at most limits.queue waiting requests; Gradio answers more with "This application is
+currently busy. Please try again." (HTTP 503 to API clients). The page states the limits of one request
+(handlers.DemoLimits); a request past its deadline, or whose client has gone, is stopped in the model work itself.
+A handler's DemoInputError, or any other failure, reaches the page as one line in an error toast and the status
+line, never as a traceback (the server log keeps the traceback of unexpected failures). The server binds to
+127.0.0.1 unless told otherwise; Gradio's telemetry is off and the page loads nothing from outside.
 """
 import functools
 import html
@@ -14,6 +17,7 @@ from typing import Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: it reads this at import
 import gradio as gr  # noqa: E402
+from gradio.context import LocalContext  # noqa: E402
 
 from ..eval.grid import token_counts  # noqa: E402
 from . import handlers  # noqa: E402
@@ -53,8 +57,22 @@ def _tracker(progress: gr.Progress) -> handlers.Progress:
     return lambda fraction, what: progress(fraction, desc=what)
 
 
+def _client_gone() -> handlers.Cancelled:
+    """For the request this worker thread serves: whether its client has gone (closed the page, dropped the
+    connection). Gradio then marks the running event not alive (Queue.clean_events) but offers no public way to
+    ask, nor stops a function running in a thread; this reads its queue as gr.Progress does (gradio 6.31, pinned
+    in constraints.txt; test_demo's load test disconnects a client and checks its request was stopped)."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    running = [event for job in getattr(queue, "active_jobs", ()) if job for event in job]
+    event = next((e for e in running if getattr(e, "_id", None) == event_id), None) if event_id else None
+    if event is None:
+        return lambda: False
+    return lambda: not event.alive
+
+
 def _tokenizer_tab(models: DemoModels) -> None:
-    tok = models.tokenizer
+    tok, limits = models.tokenizer, models.limits
     K = models.num_slots
     choices = [(str(k), str(k)) for k in token_counts(K)[:-1]] + [(f"all ({K})", "all")]
     source = gr.State(None)  # the image the next request uses: an uploaded file's path, or a built-in's index
@@ -74,7 +92,8 @@ def _tokenizer_tab(models: DemoModels) -> None:
                 guidance = gr.Number(tok.config.diffusion.guidance, label="Decoder guidance (1 = none)",
                                      minimum=0, step=0.1, elem_id="decoder-guidance")
                 steps = gr.Textbox(str(tok.config.diffusion.sample_steps), label="Decoder steps",
-                                   info="flow: euler4, adams4, heun4; ddpm: 250, ddim25, dpm20", elem_id="steps")
+                                   info=f"flow: euler4, adams4, heun4 (up to {limits.flow_steps}); ddpm: 250, "
+                                        f"ddim25, dpm20 (up to {limits.ddpm_steps})", elem_id="steps")
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="tok-seed")
             run = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
         with gr.Column(scale=2):
@@ -103,7 +122,7 @@ def _tokenizer_tab(models: DemoModels) -> None:
     @_guarded
     def on_reconstruct(image, ks, guidance, steps, seed, progress=gr.Progress(track_tqdm=True)):
         result = handlers.reconstruct_gallery(models, image, ks, guidance, steps, seed, _tracker(progress),
-                                              step_bars=True)
+                                              step_bars=True, cancelled=_client_gone())
         rows = "\n".join(f"| {k} | {p:.2f} | {s:.3f} |" for k, p, s in zip(result.counts, result.psnr, result.ssim))
         table = (f"| k | PSNR dB | SSIM |\n|---|---|---|\n{rows}\n| flat | {result.flat_psnr:.2f} | |\n\n"
                  f"Decoded {len(result.counts)} reconstruction{'s' * (len(result.counts) > 1)} in "
@@ -114,7 +133,7 @@ def _tokenizer_tab(models: DemoModels) -> None:
     def on_first_k(image, k, guidance, steps, seed):
         if image is None:
             return None, gr.update()
-        return handlers.first_k_image(models, image, k, guidance, steps, seed)[0], gr.update()
+        return handlers.first_k_image(models, image, k, guidance, steps, seed, _client_gone())[0], gr.update()
 
     upload.upload(on_upload, [upload], [preview, source, status])
     builtins.select(on_pick, None, [preview, source, status])
@@ -127,7 +146,7 @@ def _tokenizer_tab(models: DemoModels) -> None:
 
 
 def _generation_tab(models: DemoModels) -> None:
-    gen = models.generation
+    gen, limits = models.generation, models.limits
     if gen is None:
         gr.Markdown("No AR model: start the demo with `--ar RUN` (or `--compiled DIR`) to generate images.")
         return
@@ -137,15 +156,15 @@ def _generation_tab(models: DemoModels) -> None:
         with gr.Column(scale=1):
             classes = gr.Dropdown(choices, value=choices[:2], multiselect=True, label="Classes (a row each)",
                                   elem_id="classes")
-            per_class = gr.Slider(1, handlers.MAX_PER_CLASS, value=4, step=1, label="Samples per class",
-                                  elem_id="per-class")
+            per_class = gr.Slider(1, limits.per_class, value=min(4, limits.per_class), step=1,
+                                  label="Samples per class", elem_id="per-class")
             guidance = gr.Number(d["guidance"], label="Class guidance (1 = none)", minimum=0, step=0.5,
                                  elem_id="guidance")
             schedule = gr.Radio(["linear", "constant"], value=d["guidance_schedule"], label="Guidance schedule",
                                 info="linear: grows from 1 at the first token to the scale at the last",
                                 elem_id="schedule")
-            temperature = gr.Slider(0.05, 2.0, value=d["temperature"], step=0.05, label="Temperature",
-                                    elem_id="temperature")
+            temperature = gr.Slider(0.05, limits.temperature, value=min(d["temperature"], limits.temperature),
+                                    step=0.05, label="Temperature", elem_id="temperature")
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="gen-seed")
             run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=2):
@@ -158,7 +177,7 @@ def _generation_tab(models: DemoModels) -> None:
     @_guarded
     def on_generate(chosen, n, guidance, schedule, temperature, seed, progress=gr.Progress(track_tqdm=True)):
         result = handlers.generate_grid(models, chosen or [], n, guidance, schedule, temperature, seed,
-                                        _tracker(progress), step_bars=True)
+                                        _tracker(progress), step_bars=True, cancelled=_client_gone())
         shown = gr.Gallery(value=list(zip(result.images, result.captions)), columns=int(n))
         return shown, [str(result.grid), str(result.archive)], \
             f"{len(result.images)} images in {result.seconds:.2f} s ({gen.source})."
@@ -171,19 +190,21 @@ def build_app(models: DemoModels) -> gr.Blocks:
     with gr.Blocks(title="semanticist-fast demo", analytics_enabled=False) as app:
         gr.Markdown(f"## semanticist-fast\nTokenizer `{models.tokenizer_source}`: {models.num_slots} ordered tokens "
                     f"per {models.tokenizer.image_size} px image. Each image below is decoded from its first k "
-                    f"tokens only; the rest are dropped.")
+                    f"tokens only; the rest are dropped.\n\n{models.limits.describe()}", elem_id="header")
         with gr.Tab("Tokenizer", id="tokenizer", elem_id="tab-tokenizer"):
             _tokenizer_tab(models)
         with gr.Tab("Generation", id="generation", elem_id="tab-generation"):
             _generation_tab(models)
-    app.queue(default_concurrency_limit=1)
+    app.queue(max_size=models.limits.queue, default_concurrency_limit=1)
     return app
 
 
 def launch(models: DemoModels, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
     """Serve the page; block=False returns once it is up (the caller closes it with .close())."""
     app = build_app(models)
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False, show_error=False,
-               max_file_size=handlers.MAX_UPLOAD_BYTES, ssr_mode=False, quiet=not block, css=CSS,
+    # state_session_capacity: Gradio keeps the state of 10,000 sessions by default (about a MiB each here), so a
+    # client opening sessions in a loop would grow the server's memory for hours; limits.sessions bounds it.
+    app.launch(state_session_capacity=models.limits.sessions, server_name=host, server_port=port, prevent_thread_lock=not block, share=False, show_error=False,
+               max_file_size=models.limits.upload_bytes, ssr_mode=False, quiet=not block, css=CSS,
                allowed_paths=[str(models.out_dir)], footer_links=[])
     return app

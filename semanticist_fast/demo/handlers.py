@@ -2,28 +2,35 @@
 `first_k_image` and `generate_grid` answer one request each. No Gradio here: the page (app.py) binds these to its
 components, and the tests call them directly.
 
-Every model call holds `DemoModels.lock`, so requests from several browsers run one at a time whatever the web
-server does. Bad input (no image, a file that is not an image, a huge one, a token count outside 1..K, a decoder
-step spec the tokenizer has no sampler for, too many samples) raises `DemoInputError`, whose message the page shows.
+Every model call runs on the models' one thread (`on_model`), so requests from several browsers run one at a time
+whatever the web server does. `DemoLimits` bounds the work of one request: bad input or input beyond a bound (no image, a file that
+is not an image, a huge one, a token count outside 1..K, a decoder step spec the tokenizer has no sampler for or one
+over the step bound, too many samples, guidance out of range) raises `DemoInputError`, whose message the page shows.
+A request that holds the model past its deadline, or whose client has gone (the page says so through `cancelled`),
+is stopped between two network calls (common/stopping.py) and raises `RequestStopped`.
 """
 import atexit
+import contextvars
 import logging
 import shutil
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, TypeVar, Union
 
 import torch
 from PIL import Image
 
 from ..common.files import sha256_file
+from ..common.stopping import Stopped, stop_when
 from ..common.runs import saved_config, weights_file
 from ..config import ConfigError, from_dict
 from ..data.build import DataConfig, class_names, load_images
+from ..diffusion.flow import flow_steps
+from ..diffusion.schedules import space_timesteps
 from ..eval.grid import save_grid, save_samples, to_uint8, token_counts
 from ..eval.reconstruction import held_out_set, parse_token_counts, reconstruction_report
 from ..inference import Tokenizer, load_generator, sample_images
@@ -31,20 +38,56 @@ from ..inference.generation import LoadedGenerator, with_overrides
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-MAX_PIXELS = 40_000_000
-MAX_PER_CLASS = 16
-MAX_SAMPLES = 64  # per request: a grid that still answers in seconds on a CPU
 DISPLAY_SIDE = 160  # smaller images are shown enlarged (nearest neighbour, so pixels stay visible)
 EAGER_BATCH = 64  # as `semanticist-fast sample`: the same seed gives the same images
 KEEP_DOWNLOADS = 16  # the newest generation requests whose files stay downloadable; older ones are deleted
 
 Progress = Callable[[float, str], None]  # (fraction done, what runs now)
+Cancelled = Callable[[], bool]  # whether the request's client has gone (the page asks its web server)
 ImageSource = Union[str, Path, int]  # an uploaded file, or the index of a built-in held-out image
+T = TypeVar("T")
 
 
 class DemoInputError(ValueError):
     """A request the demo cannot answer as asked; the message says what to change."""
+
+
+class RequestStopped(DemoInputError):
+    """A request stopped before its end: past its deadline, or its client gone."""
+
+
+@dataclass(frozen=True)
+class DemoLimits:
+    """Bounds on the work of one request, so that no request holds the one model slot for long. The defaults suit a
+    demo others can reach; `semanticist-fast demo --limit KEY=VALUE` changes them for a trusted local user."""
+    flow_steps: int = 200  # decoder network calls of euler / heun / adams: benchmarks/sampler_steps.py's reference
+    ddpm_steps: int = 250  # decoder steps of the DDPM samplers ("250", ddimN, dpmN): the published recipe's
+    per_class: int = 16  # generated images per class ...
+    samples: int = 64  # ... and per request
+    guidance: float = 20.0  # decoder and class guidance lie in 0..guidance (1 is none)
+    temperature: float = 2.0  # AR temperature lies in (0, temperature]
+    pixels: int = 40_000_000  # an uploaded image's size, read from its header before it is decoded
+    upload_mib: float = 32.0  # an uploaded file's size
+    request_seconds: float = 60.0  # model time one request may hold; then it is stopped
+    queue: int = 16  # requests waiting for the model; more are told the demo is busy
+    sessions: int = 256  # open pages whose state (the chosen image) the server keeps; past it the oldest is forgotten
+
+    def validate(self) -> None:
+        for name, value in asdict(self).items():
+            if not value > 0:
+                raise ValueError(f"demo limit {name} must be above 0, got {value}")
+
+    @property
+    def upload_bytes(self) -> int:
+        return int(self.upload_mib * 2**20)
+
+    def describe(self) -> str:
+        """The bounds in one sentence, as the page states them."""
+        return (f"Per request: decoder steps up to {self.flow_steps} (euler, heun, adams) or {self.ddpm_steps} "
+                f"(DDPM: 250, ddimN, dpmN), guidance 0..{self.guidance:g}, temperature up to {self.temperature:g}, "
+                f"{self.samples} samples ({self.per_class} per class), images up to {self.pixels / 1e6:g} "
+                f"megapixels and {self.upload_mib:g} MiB, {self.request_seconds:g} s of model time. At most "
+                f"{self.queue} requests wait their turn; more are told the demo is busy.")
 
 
 @dataclass
@@ -67,7 +110,9 @@ class DemoModels:
     held_out_captions: list[str]
     generation: Optional[Generation]
     out_dir: Path  # the downloads of the generation tab
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    limits: DemoLimits = field(default_factory=DemoLimits)
+    worker: ThreadPoolExecutor = field(  # the one thread every model call runs on (on_model)
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="demo-model"))
 
     @property
     def num_slots(self) -> int:
@@ -132,10 +177,12 @@ def _compiled_generation(directory, ar) -> Generation:
 
 
 def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = None,
-                out_dir: Optional[Path] = None, num_held_out: int = 8, precision: str = "bf16") -> DemoModels:
-    """The demo's models, loaded once; the eager ones run in `precision` on a GPU (common/device.py). tokenizer: a run directory, checkpoint or weights file (default: the one the
-    AR run was trained on); ar: an AR run for the generation tab; compiled: an exported directory
-    (`semanticist-fast export`), which the generation tab then samples with instead of the eager AR model."""
+                out_dir: Optional[Path] = None, num_held_out: int = 8, precision: str = "bf16",
+                limits: Optional[DemoLimits] = None) -> DemoModels:
+    """The demo's models, loaded once; the eager ones run in `precision` on a GPU (common/device.py), each request
+    within `limits`. tokenizer: a run directory, checkpoint or weights file (default: the one the AR run was trained
+    on); ar: an AR run for the generation tab; compiled: an exported directory (`semanticist-fast export`), which
+    the generation tab then samples with instead of the eager AR model."""
     loaded = load_generator(ar, device) if ar is not None and compiled is None else None
     if tokenizer is None:
         if ar is None:
@@ -154,7 +201,7 @@ def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = 
     else:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-    return DemoModels(tok, str(tokenizer), held_out, captions, generation, out)
+    return DemoModels(tok, str(tokenizer), held_out, captions, generation, out, limits or DemoLimits())
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
@@ -170,12 +217,12 @@ def input_image(models: DemoModels, source: Optional[ImageSource]) -> torch.Tens
     path = Path(source)
     if not path.is_file():
         raise DemoInputError(f"the uploaded file {path.name} is gone: upload it again")
-    size = path.stat().st_size
-    if size > MAX_UPLOAD_BYTES:
+    size, limits = path.stat().st_size, models.limits
+    if size > limits.upload_bytes:
         raise DemoInputError(f"{path.name} is {size / 2**20:.1f} MiB; the demo takes files up to "
-                             f"{MAX_UPLOAD_BYTES / 2**20:g} MiB")
+                             f"{limits.upload_mib:g} MiB")
     try:
-        return load_images([str(path)], models.tokenizer.image_size, max_pixels=MAX_PIXELS)
+        return load_images([str(path)], models.tokenizer.image_size, max_pixels=limits.pixels)
     except ValueError as e:
         message = str(e).replace(str(path), path.name)
         if "cannot read" in message:
@@ -216,37 +263,100 @@ class Reconstructions:
     seconds: float
 
 
-def _decoding(models: DemoModels, guidance: Optional[float], steps: Optional[str]) -> tuple[float, str]:
-    """The decoder settings to use, checked: the config's where not given."""
+def _number(value, what: str, kind: type = float):
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):  # text, NaN or infinity where a count is wanted
+        raise DemoInputError(f"{what} must be a number, got {value!r}") from None
+
+
+def _guidance(models: DemoModels, guidance: float, what: str) -> float:
+    guidance = _number(guidance, f"{what} guidance")
+    if not 0 <= guidance <= models.limits.guidance:  # also refuses NaN
+        raise DemoInputError(f"{what} guidance must be in 0..{models.limits.guidance:g} (1 is none), got {guidance:g}")
+    return guidance
+
+
+def decoder_calls(models: DemoModels, steps: str) -> int:
+    """The network calls of one decode with a step spec the tokenizer's process accepts."""
     config = models.tokenizer.config.diffusion
-    guidance = config.guidance if guidance is None else float(guidance)
-    if guidance < 0:
-        raise DemoInputError(f"decoder guidance must be at least 0 (1 is none), got {guidance:g}")
+    if config.objective == "flow":
+        return flow_steps(steps)[1]
+    return len(space_timesteps(config.num_timesteps, steps))
+
+
+def _decoding(models: DemoModels, guidance: Optional[float], steps: Optional[str]) -> tuple[float, str]:
+    """The decoder settings to use, checked against the process and the limits: the config's where not given."""
+    config = models.tokenizer.config.diffusion
+    guidance = _guidance(models, config.guidance if guidance is None else guidance, "decoder")
     steps = str(steps).strip() if steps not in (None, "") else str(config.sample_steps)
+    if len(steps) > 16:  # also keeps int() away from a megabyte of digits
+        raise DemoInputError(f"decoder steps {steps[:16]}...: give a sampler and a count, e.g. euler4 or ddim25")
     try:
         models.tokenizer.process.sampler(steps)
+        calls = decoder_calls(models, steps)
     except ValueError as e:
         raise DemoInputError(str(e)) from None
+    bound = models.limits.flow_steps if config.objective == "flow" else models.limits.ddpm_steps
+    if calls > bound:
+        raise DemoInputError(f"decoder steps {steps} make {calls} network calls; the demo allows at most {bound} "
+                             f"a decode")
     return guidance, steps
+
+
+def _seed(seed) -> int:
+    seed = _number(seed, "the seed", int)
+    if not 0 <= seed < 2**63:
+        raise DemoInputError(f"the seed must be in 0..2^63-1, got {seed}")
+    return seed
+
+
+def on_model(models: DemoModels, work: Callable[[], T], cancelled: Optional[Cancelled] = None) -> T:
+    """work() on the models' one thread, so requests run one at a time whatever the web server does (and the
+    model's memory stays in one allocator arena, not one per web worker thread: the load test's memory bound).
+    The request's deadline, limits.request_seconds of model time, starts when its work starts; past it, or once
+    cancelled() says the client has gone, the work stops at its next network call and RequestStopped says why."""
+    seconds = models.limits.request_seconds
+
+    def job() -> T:
+        end = time.monotonic() + seconds
+
+        def reason() -> Optional[str]:
+            if cancelled is not None and cancelled():
+                return "its client has gone"
+            if time.monotonic() > end:
+                return (f"it ran past {seconds:g} s of model time, the most one request may take here: ask for fewer "
+                        f"steps, token counts or samples")
+            return None
+
+        with stop_when(reason):
+            return work()
+
+    try:  # the caller's context travels along: Gradio's progress tracking finds its request there
+        return models.worker.submit(contextvars.copy_context().run, job).result()
+    except Stopped as e:
+        log.info("request stopped: %s", e)
+        raise RequestStopped(f"stopped: {e}") from None
 
 
 def reconstruct_gallery(models: DemoModels, image: ImageSource, counts: Sequence[Union[int, str]],
                         guidance: Optional[float] = None, steps: Optional[str] = None, seed: int = 0,
-                        progress: Optional[Progress] = None, step_bars: bool = False) -> Reconstructions:
+                        progress: Optional[Progress] = None, step_bars: bool = False,
+                        cancelled: Optional[Cancelled] = None) -> Reconstructions:
     """Reconstructions of one image from its first k tokens, for each k of counts, all from the same noise (seed),
     with PSNR and SSIM against the input. step_bars: a tqdm bar over each decode's steps (the page tracks it)."""
     x = input_image(models, image)
     ks = counts_of(models, counts)
     guidance, steps = _decoding(models, guidance, steps)
+    seed = _seed(seed)
 
     def on_count(index: int, k: int) -> None:
         if progress is not None:
             progress(index / len(ks), f"decoding from the first {k} token{'s' * (k > 1)}")
 
     start = time.perf_counter()
-    with models.lock:
-        report, by_k = reconstruction_report(models.tokenizer, x, ks, guidance, steps, int(seed), 1, on_count,
-                                             step_bars)
+    report, by_k = on_model(models, lambda: reconstruction_report(models.tokenizer, x, ks, guidance, steps, seed, 1,
+                                                                  on_count, step_bars), cancelled)
     seconds = time.perf_counter() - start
     rows = report["per_tokens"]
     captions = [f"{row['tokens']} token{'s' * (row['tokens'] > 1)} · PSNR {row['psnr']:.2f} dB · "
@@ -258,9 +368,10 @@ def reconstruct_gallery(models: DemoModels, image: ImageSource, counts: Sequence
 
 
 def first_k_image(models: DemoModels, image: ImageSource, k: int, guidance: Optional[float] = None,
-                  steps: Optional[str] = None, seed: int = 0) -> tuple[Image.Image, str]:
+                  steps: Optional[str] = None, seed: int = 0,
+                  cancelled: Optional[Cancelled] = None) -> tuple[Image.Image, str]:
     """The image from its first k tokens alone, and its caption (the same noise as the gallery's)."""
-    result = reconstruct_gallery(models, image, [int(k)], guidance, steps, seed)
+    result = reconstruct_gallery(models, image, [int(k)], guidance, steps, seed, cancelled=cancelled)
     return result.images[0], result.captions[0]
 
 
@@ -336,31 +447,33 @@ def classes_of(models: DemoModels, classes: Sequence[Union[int, str]]) -> list[i
 def generate_grid(models: DemoModels, classes: Sequence[Union[int, str]], per_class: int = 4,
                   guidance: Optional[float] = None, guidance_schedule: Optional[str] = None,
                   temperature: Optional[float] = None, seed: int = 0, progress: Optional[Progress] = None,
-                  step_bars: bool = False) -> Samples:
+                  step_bars: bool = False, cancelled: Optional[Cancelled] = None) -> Samples:
     """per_class samples of each class (a grid row each), seeded as `semanticist-fast sample --seed` is, written
     as a PNG grid and an .npz for download. Unset settings are the run's."""
     gen = models.generation
     if gen is None:
         raise DemoInputError("no AR model: start the demo with --ar RUN (or --compiled DIR) to generate")
+    limits = models.limits
     labels_list = classes_of(models, classes)
-    per_class = int(per_class)
-    if not 1 <= per_class <= MAX_PER_CLASS:
-        raise DemoInputError(f"samples per class must be in 1..{MAX_PER_CLASS}, got {per_class}")
-    if len(labels_list) * per_class > MAX_SAMPLES:
+    per_class = _number(per_class, "samples per class", int)
+    if not 1 <= per_class <= limits.per_class:
+        raise DemoInputError(f"samples per class must be in 1..{limits.per_class}, got {per_class}")
+    if len(labels_list) * per_class > limits.samples:
         raise DemoInputError(f"{len(labels_list)} classes x {per_class} is {len(labels_list) * per_class} images; "
-                             f"the demo draws at most {MAX_SAMPLES} at once")
-    if temperature is not None and not temperature > 0:
-        raise DemoInputError(f"temperature must be above 0, got {temperature:g}")
-    if guidance is not None and guidance < 0:
-        raise DemoInputError(f"class guidance must be at least 0 (1 is none), got {guidance:g}")
+                             f"the demo draws at most {limits.samples} at once")
+    if temperature is not None and not 0 < _number(temperature, "temperature") <= limits.temperature:
+        raise DemoInputError(f"temperature must be above 0 and at most {limits.temperature:g}, got {temperature:g}")
+    if guidance is not None:
+        guidance = _guidance(models, guidance, "class")
     if guidance_schedule not in (None, "linear", "constant"):
         raise DemoInputError(f"guidance schedule {guidance_schedule!r}: choose linear or constant")
-    settings = {"guidance": None if guidance is None else float(guidance), "guidance_schedule": guidance_schedule,
+    seed = _seed(seed)
+    settings = {"guidance": guidance, "guidance_schedule": guidance_schedule,
                 "temperature": None if temperature is None else float(temperature)}
     labels = torch.tensor([c for c in labels_list for _ in range(per_class)], device=gen.device)
-    start = time.perf_counter()
-    with models.lock:
-        generator = torch.Generator(gen.device).manual_seed(int(seed))
+
+    def draw() -> torch.Tensor:
+        generator = torch.Generator(gen.device).manual_seed(seed)
         chunks = []
         for begin in range(0, labels.shape[0], gen.batch_size):
             if progress is not None:
@@ -369,7 +482,10 @@ def generate_grid(models: DemoModels, classes: Sequence[Union[int, str]], per_cl
                 chunks.append(gen.draw(labels[begin:begin + gen.batch_size], generator, settings, step_bars).cpu())
             except ValueError as e:  # settings an export cannot run (e.g. guidance on an unguided export)
                 raise DemoInputError(str(e)) from None
-    images = torch.cat(chunks)
+        return torch.cat(chunks)
+
+    start = time.perf_counter()
+    images = on_model(models, draw, cancelled)
     seconds = time.perf_counter() - start
     folder = Path(tempfile.mkdtemp(prefix="samples-", dir=models.out_dir))
     grid, archive = folder / "samples.png", folder / "samples.npz"

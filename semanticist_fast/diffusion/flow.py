@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from ..common.noise import SampleNoise, noise_or_local
+from ..common.stopping import check_stop
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -190,6 +191,7 @@ class RectifiedFlow:
                 bar = tqdm(total=evaluations, desc=spec, leave=False)
 
             def velocity(x, t):
+                check_stop()  # a caller's deadline or cancellation ends the loop here, between network calls
                 v = model_fn(x, (t * self.time_scale).expand(x.shape[0])).float()
                 if bar is not None:
                     bar.update()

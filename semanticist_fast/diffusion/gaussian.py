@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..common.noise import SampleNoise, noise_or_local
+from ..common.stopping import stoppable
 from .schedules import make_betas, space_timesteps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -294,6 +295,6 @@ class DDPMSampling:
         chain = chain.to(self.device)
 
         def sample(model_fn, noise, generator=None, progress: bool = False):
-            return chain.sample(model_fn, noise, method, generator, progress)
+            return chain.sample(stoppable(model_fn), noise, method, generator, progress)
 
         return sample

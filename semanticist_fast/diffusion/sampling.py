@@ -14,6 +14,7 @@ from typing import Callable, Literal, Optional, Union
 
 import torch
 
+from ..common.stopping import stoppable
 from . import flow
 from .gaussian import DDPMSampling, GaussianDiffusion
 
@@ -91,6 +92,7 @@ class HeadSampler:
         """(rows, token_dim) float32 tokens; model_fn(x (rows, token_dim), t (1,)) is the (guided) network."""
         self.check(sampler)
         steps = steps or self.default_steps
+        model_fn = stoppable(model_fn)  # a caller's deadline or cancellation ends the loop between network calls
         noise = torch.randn(rows, token_dim, device=device, generator=generator)
         if self.objective == "flow":
             if sampler == "ode":
