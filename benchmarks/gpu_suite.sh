@@ -9,7 +9,8 @@
 # CUDA (no TRITON_INTERPRET), the GPU-only paths no CPU test reaches (the CUDA-graph replay; the export on CUDA
 # against eager and the CompiledSampler's graphed path against its ungraphed one; issue 28's gpu_* checks: one
 # cudart, the ZeRO step's syncs, flash under compile, bf16 sampling, DALI built once, a graphed bf16 export),
-# bench_kernels, bench_train (tokenizer-L and AR-L: optimised vs plain eager, MFU), bench_sample (AR-L), and the DALI
+# bench_kernels, bench_train (tokenizer-L and AR-L: optimised vs plain eager, MFU), plan_check (`semanticist-fast
+# plan` against bench_train's memory and speed), bench_sample (AR-L), and the DALI
 # bench if benchmarks/bench_data.py exists. A step that fails or runs past its limit is logged and the suite goes
 # on; the summary at the end lists each step's status and time, the store gets a `gpu_suite` record of each step's
 # pass / fail (benchmarks/suite_record.py), and the exit status is 1 if any step failed.
@@ -125,6 +126,8 @@ step gpu_dali_built_once 45 "${GPU_PATHS[@]}" tests/test_dali.py -k "built_once 
 step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --compiled-reference
 step bench_train_tok 120 "$PY" benchmarks/bench_train.py --preset tokenizer-L --batch 64
 step bench_train_ar 90 "$PY" benchmarks/bench_train.py --preset ar-L --batch 256
+# The planner beside what bench_train just measured (peak memory, images/s): a plan_check record.
+step plan_check 60 "$PY" benchmarks/plan_check.py
 step bench_sample_ar 75 "$PY" benchmarks/bench_sample.py --size L --batch 64 --bf16 --head-steps 250 --repeats 2
 if [[ -f benchmarks/bench_data.py ]]; then
   step bench_data 90 "$PY" benchmarks/bench_data.py --device cuda --preset tokenizer-L --images 1024 --workers 8 --train-batch 64

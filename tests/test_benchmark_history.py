@@ -189,7 +189,7 @@ def test_gpu_suite_is_valid_bash_and_lists_its_steps():
                        text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     for name in ("kernel_tests", "cuda_graph_replay", "export_cuda", "bench_kernels", "bench_train_tok",
-                 "bench_train_ar", "bench_sample_ar"):
+                 "bench_train_ar", "plan_check", "bench_sample_ar"):
         assert name in r.stdout
     # The GPU-only tests it runs exist (a renamed test would leave the step selecting nothing).
     source = (ROOT / "tests" / "test_export.py").read_text()

@@ -229,3 +229,33 @@ def test_mfu_comes_from_a_matching_record(tmp_path):
     assert planner.measured_mfu("H100", 123, store)["mfu"] == 0.31
     assert planner.measured_mfu("H200", 123, store) is None  # another GPU
     assert planner.measured_mfu("H100", 124, store) is None  # another model size
+
+
+def test_plan_check_sets_the_plan_beside_a_bench_train_record(tmp_path):
+    """benchmarks/plan_check.py (a gpu_suite step): the plan of the published config at bench_train's batch, less
+    its frozen models, against the record's measured peaks; the record's GPU picks the planner's GPU."""
+    from benchmarks import plan_check
+    from semanticist_fast.config import load_config
+    from semanticist_fast.plan.planner import make_plan
+    from semanticist_fast.tasks import spec_for_file
+
+    assert plan_check.gpu_kind("NVIDIA H100 PCIe") == "h100-pcie"
+    assert plan_check.gpu_kind("NVIDIA H200 (sm_90, 132 SMs)") == "h200"
+    row = {"workload": "ar-L", "batch": 8, "trained_flops_per_image": 10 ** 12,
+           "optimised": {"peak_memory_bytes": 2 * 10 ** 9, "images_per_s": 100.0, "mfu": 0.3},
+           "plain": {"peak_memory_bytes": 4 * 10 ** 9, "images_per_s": 50.0, "mfu": 0.15}}
+    other = {"benchmark": "bench_train", "device_kind": "cpu", "device": "cpu", "date": "x", "results": [row]}
+    record = {"benchmark": "bench_train", "device_kind": "cuda", "device": "NVIDIA H200", "date": "20261205T000000Z",
+              "results": [row]}
+    store = tmp_path / "history.jsonl"
+    store.write_text(json.dumps(record) + "\n" + json.dumps(other) + "\n")
+    result = plan_check.main(["--store", str(store), "--no-write"])
+    assert result["gpu"] == "h200" and result["bench_train"] == "bench_train@20261205T000000Z"
+    (checked,) = result["results"]
+    run = load_config(spec_for_file("configs/autoregressive_l.yaml").run_config, "configs/autoregressive_l.yaml",
+                      ["train.engine=single", "train.batch_size=8", "train.micro_batch_size=8"])
+    plan = make_plan(run, gpus=1, gpu="h200")
+    predicted = plan["memory"]["peak"] - plan["memory"]["frozen_models"]
+    assert checked["predicted_peak_bytes"] == predicted
+    assert checked["optimised_memory_ratio"] == pytest.approx(predicted / 2e9)
+    assert checked["plain_memory_ratio"] == pytest.approx(predicted / 4e9)
