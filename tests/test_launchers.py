@@ -86,8 +86,25 @@ def kill_all(procs: list[subprocess.Popen], others: list[int]) -> None:
         p.wait(timeout=30)
 
 
+def start_agents(script: str, out: Path, env: dict, count: int) -> list[subprocess.Popen]:
+    """`count` launchers with the same command. Two torchrun agents on one host both see themselves as the
+    rendezvous host (MASTER_ADDR is theirs) and race to start its store; on a cluster the agents are on different
+    hosts, so the test starts the second once the first one's store listens, as a slower node would."""
+    procs = [start(script, out, env)]
+    if count > 1:
+        port = int(env["MASTER_PORT"])
+        wait_until(lambda: _listening(port) or procs[0].poll() is not None, 60)
+        procs += [start(script, out, env) for _ in range(count - 1)]
+    return procs
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def relaunch(script: str, out: Path, env: dict, count: int = 1) -> None:
-    procs = [start(script, out, env) for _ in range(count)]
+    procs = start_agents(script, out, env, count)
     try:
         results = [p.communicate(timeout=400)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), "\n".join(r[-6000:] for r in results)
@@ -124,7 +141,7 @@ def test_deepspeed_launcher_on_2_cpu_ranks_dies_with_its_ranks_and_resumes(refer
 def test_torchrun_two_agents_one_killed_the_other_exits_and_the_run_resumes(reference, tmp_path):
     out = tmp_path / "run"
     env = {"NUM_NODES": "2", "NPROC_PER_NODE": "1", "MASTER_PORT": str(_port()), "RUN_ID": tmp_path.name}
-    agents = [start("launch/torchrun.sh", out, env) for _ in range(2)]
+    agents = start_agents("launch/torchrun.sh", out, env, 2)
     ranks: list[int] = []
     try:
         first_checkpoint(out, agents)
