@@ -177,6 +177,15 @@ def figures_and_spread(record: dict) -> tuple[list[tuple[str, str, float]], dict
             rows.append((f"{prefix} k={r['tokens']}", "ssim", r["ssim"]))
         if "samples" in record:
             rows.append(("tiny AR samples", "accuracy_percent", 100 * record["samples"]["accuracy"]))
+        probe = record.get("shape_probe")
+        if probe:  # the shape group of originals, reconstructions from all tokens and samples, side by side
+            rows.append(("tiny shape probe originals", "accuracy_percent", 100 * probe["originals"]))
+            if probe.get("reconstructions"):
+                rows.append(("tiny shape probe reconstructions", "accuracy_percent",
+                             100 * probe["reconstructions"][-1]["accuracy"]))
+            if "shape_accuracy" in record.get("samples", {}):
+                rows.append(("tiny shape probe AR samples", "accuracy_percent",
+                             100 * record["samples"]["shape_accuracy"]))
         fid = record.get("fid")
         if fid and fid.get("reference_weights"):
             rows += [("tiny", "rfid", fid["rfid"])] + ([("tiny", "gfid", fid["gfid"]), ("tiny", "is", fid["is_mean"])]
