@@ -203,6 +203,12 @@ def figures_and_spread(record: dict) -> tuple[list[tuple[str, str, float]], dict
         rows = _sampler_steps_figures(record)
     elif kind == "shape_probe":
         rows = [("shape probe " + k, "accuracy_percent", 100 * v) for k, v in record.get("accuracy", {}).items()]
+    elif kind == "sample_knobs":
+        rows = [("sample knobs reconstructions shape", "accuracy_percent",
+                 100 * record["reconstructions_shape_accuracy"])]
+        for v in record.get("variants", []):
+            rows.append((f"sample knobs {v['variant']} shape", "accuracy_percent", 100 * v["shape_accuracy"]))
+            rows.append((f"sample knobs {v['variant']} hue", "accuracy_percent", 100 * v["hue_accuracy"]))
     else:
         rows = _generic_figures(record)
     return [(s, m, float(v)) for s, m, v in rows if v is not None], {k: v for k, v in spread.items() if v}
