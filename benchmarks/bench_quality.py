@@ -3,6 +3,8 @@
 - the tokenizer: PSNR / SSIM of held-out reconstructions from the first k tokens, for k = 1, 2, 4, ... all, beside
   the flat mean-colour baseline (the `reconstruct` report);
 - the AR model: class-balanced samples scored by hue (`data.procedural.classify`), the accuracy for each class;
+- on the built-in data, the shape probe (`data.shape_probe`: which of disc, square/diamond, ring, cross the large
+  shapes are) on the held-out originals, their reconstructions from each k and the AR samples, side by side;
 - with --inception-path also rFID / gFID / IS (`semanticist-fast eval recon` / `eval gen`). FIDs are recorded with
   the weights file's SHA-256; only those of torch-fidelity's weights (SHA-256 beginning 6726825d) mean anything,
   and report.py plots only those.
@@ -22,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import add_record_arguments, check_clean, describe_device, write_result  # noqa: E402
 from semanticist_fast.common.files import sha256_file  # noqa: E402
 from semanticist_fast.common.runs import resolve_checkpoint  # noqa: E402
-from semanticist_fast.data.procedural import classify  # noqa: E402
+from semanticist_fast.data.procedural import ProceduralImages, classify  # noqa: E402
+from semanticist_fast.data.shape_probe import SHAPE_GROUPS, shape_accuracy  # noqa: E402
 from semanticist_fast.eval.grid import token_counts  # noqa: E402
-from semanticist_fast.eval.reconstruction import format_report, held_out_images, reconstruction_report  # noqa: E402
+from semanticist_fast.eval.reconstruction import format_report, held_out_set, reconstruction_report  # noqa: E402
 from semanticist_fast.inference import Tokenizer, load_generator, sample_images  # noqa: E402
 
 REFERENCE_INCEPTION_SHA256_PREFIX = "6726825d"  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
@@ -44,6 +47,7 @@ def class_accuracy(ar_run: str, per_class: int, batch_size: int, seed: int, devi
     hits = (predicted == labels.cpu()).float()
     return {"samples": int(labels.shape[0]), "accuracy": hits.mean().item(),
             "per_class": [hits[labels.cpu() == c].mean().item() for c in range(classes)],
+            "shape_accuracy": shape_accuracy(images, labels.cpu()),
             "sample_seconds": seconds, "samples_per_s": labels.shape[0] / seconds}
 
 
@@ -79,19 +83,29 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
 
     tok = Tokenizer.from_checkpoint(args.tokenizer, device=str(device))
-    images = held_out_images(args.tokenizer, tok.image_size, args.num_images)
+    held_out = held_out_set(args.tokenizer, tok.image_size)
+    items = [held_out[i] for i in range(min(args.num_images, len(held_out)))]
+    images, labels = torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
     start = time.perf_counter()
-    report, _ = reconstruction_report(tok, images, token_counts(tok.num_slots), seed=args.seed,
+    report, reconstructions = reconstruction_report(tok, images, token_counts(tok.num_slots), seed=args.seed,
                                       batch_size=args.batch_size)
     report["seconds"] = time.perf_counter() - start
     print(format_report(report))
     record = {"device": describe_device(device), "device_kind": device.type,
               "tokenizer": str(resolve_checkpoint(args.tokenizer)), "reconstruction": report}
+    if isinstance(held_out, ProceduralImages):  # shapes only the built-in data has
+        record["shape_probe"] = {"groups": list(SHAPE_GROUPS), "originals": shape_accuracy(images, labels),
+                                 "reconstructions": [{"tokens": k, "accuracy": shape_accuracy(rec, labels)}
+                                                     for k, rec in reconstructions.items()]}
+        probe = record["shape_probe"]
+        print(f"shape group of the large shapes (probe): originals {probe['originals']:.1%}, reconstructions "
+              + ", ".join(f"k={r['tokens']} {r['accuracy']:.1%}" for r in probe["reconstructions"]))
     if args.ar:
         record["ar"] = str(resolve_checkpoint(args.ar))
         record["samples"] = class_accuracy(args.ar, args.per_class, args.batch_size, args.seed, device)
         print(f"AR samples: {record['samples']['accuracy']:.1%} of {record['samples']['samples']} in their class "
-              f"by hue; per class " + " ".join(f"{a:.0%}" for a in record["samples"]["per_class"]))
+              f"by hue; per class " + " ".join(f"{a:.0%}" for a in record["samples"]["per_class"])
+              + f"; shape group (probe) {record['samples']['shape_accuracy']:.1%}")
     if args.inception_path:
         record["fid"] = fid_figures(args, device)
         fid = record["fid"]

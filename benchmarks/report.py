@@ -177,6 +177,15 @@ def figures_and_spread(record: dict) -> tuple[list[tuple[str, str, float]], dict
             rows.append((f"{prefix} k={r['tokens']}", "ssim", r["ssim"]))
         if "samples" in record:
             rows.append(("tiny AR samples", "accuracy_percent", 100 * record["samples"]["accuracy"]))
+        probe = record.get("shape_probe")
+        if probe:  # the shape group of originals, reconstructions from all tokens and samples, side by side
+            rows.append(("tiny shape probe originals", "accuracy_percent", 100 * probe["originals"]))
+            if probe.get("reconstructions"):
+                rows.append(("tiny shape probe reconstructions", "accuracy_percent",
+                             100 * probe["reconstructions"][-1]["accuracy"]))
+            if "shape_accuracy" in record.get("samples", {}):
+                rows.append(("tiny shape probe AR samples", "accuracy_percent",
+                             100 * record["samples"]["shape_accuracy"]))
         fid = record.get("fid")
         if fid and fid.get("reference_weights"):
             rows += [("tiny", "rfid", fid["rfid"])] + ([("tiny", "gfid", fid["gfid"]), ("tiny", "is", fid["is_mean"])]
@@ -194,6 +203,12 @@ def figures_and_spread(record: dict) -> tuple[list[tuple[str, str, float]], dict
         rows = _sampler_steps_figures(record)
     elif kind == "shape_probe":
         rows = [("shape probe " + k, "accuracy_percent", 100 * v) for k, v in record.get("accuracy", {}).items()]
+    elif kind == "sample_knobs":
+        rows = [("sample knobs reconstructions shape", "accuracy_percent",
+                 100 * record["reconstructions_shape_accuracy"])]
+        for v in record.get("variants", []):
+            rows.append((f"sample knobs {v['variant']} shape", "accuracy_percent", 100 * v["shape_accuracy"]))
+            rows.append((f"sample knobs {v['variant']} hue", "accuracy_percent", 100 * v["hue_accuracy"]))
     else:
         rows = _generic_figures(record)
     return [(s, m, float(v)) for s, m, v in rows if v is not None], {k: v for k, v in spread.items() if v}

@@ -110,7 +110,9 @@ def test_report_figures_plots_and_table(tmp_path):
     quality = {"benchmark": "bench_quality", "date": "20261204T000000Z", "commit": "c3", "device": "cpu",
                "reconstruction": {"flat": {"psnr": 16.2}, "per_tokens": [{"tokens": 1, "psnr": 18.0, "ssim": 0.3},
                                                                          {"tokens": 8, "psnr": 20.5, "ssim": 0.6}]},
-               "samples": {"accuracy": 0.95},
+               "samples": {"accuracy": 0.95, "shape_accuracy": 0.4},
+               "shape_probe": {"originals": 0.82, "reconstructions": [{"tokens": 1, "accuracy": 0.3},
+                                                                      {"tokens": 8, "accuracy": 0.5}]},
                "fid": {"reference_weights": False, "rfid": 1.0, "gfid": 2.0, "is_mean": 3.0}}
     store.append(quality, path)
     rows = report.figures(store.read(path)[1])
@@ -119,6 +121,9 @@ def test_report_figures_plots_and_table(tmp_path):
     assert not any(s == "train tokenizer-L plain" and m == "mfu_percent" for s, m, _ in rows)  # unknown: left out
     q = report.figures(quality)
     assert ("tiny k=8", "psnr", 20.5) in q and ("tiny AR samples", "accuracy_percent", 95.0) in q
+    assert {("tiny shape probe originals", "accuracy_percent", 82.0),
+            ("tiny shape probe reconstructions", "accuracy_percent", 50.0),
+            ("tiny shape probe AR samples", "accuracy_percent", 40.0)} <= set(q)
     assert not any(m in ("rfid", "gfid") for _, m, _ in q)  # a random Inception's FIDs are never plotted
     assert report.commit_order(store.read(path)) == ["c1", "c2", "c3"]
     assert report.series_by(store.read(path), {"mfu_percent"}) == {
