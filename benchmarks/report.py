@@ -209,6 +209,20 @@ def figures_and_spread(record: dict) -> tuple[list[tuple[str, str, float]], dict
         for v in record.get("variants", []):
             rows.append((f"sample knobs {v['variant']} shape", "accuracy_percent", 100 * v["shape_accuracy"]))
             rows.append((f"sample knobs {v['variant']} hue", "accuracy_percent", 100 * v["hue_accuracy"]))
+    elif kind == "demo_load":
+        for level in record.get("levels", []):
+            series = f"demo {level['clients']} clients"
+            rows += [(series, "requests_per_s", level["requests_per_second"]), (series, "p50_s", level["p50_s"]),
+                     (series, "p95_s", level["p95_s"])]
+        rows += [("demo handlers", k, v) for k, v in record.get("handlers", {}).items() if isinstance(v, (int, float))]
+        rows += [("demo server rss", f"{k}_mib", v) for k, v in record.get("server_rss_mib", {}).items()]
+    elif kind == "gpu_suite":
+        rows = [(f"gpu suite {s['step']}", "passed", float(s["passed"])) for s in record.get("steps", [])]
+    elif kind == "plan_check":
+        for r in record.get("results", []):
+            for variant in ("optimised", "plain"):
+                if f"{variant}_memory_ratio" in r:
+                    rows.append((f"plan {r['workload']} vs {variant}", "memory_ratio", r[f"{variant}_memory_ratio"]))
     else:
         rows = _generic_figures(record)
     return [(s, m, float(v)) for s, m, v in rows if v is not None], {k: v for k, v in spread.items() if v}
