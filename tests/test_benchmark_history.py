@@ -235,6 +235,7 @@ def test_suite_record_writes_each_step_pass_or_fail(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "STORE", tmp_path / "history.jsonl")
     monkeypatch.delenv("BENCH_RESULTS_COPY", raising=False)
+    monkeypatch.setenv("BENCH_ALLOW_DIRTY", "1")  # as gpu_suite.sh sets it: the test must not depend on git status
     tsv = tmp_path / "steps.tsv"
     tsv.write_text("kernel_tests\tok\t41\t75\nexport_cuda\tFAILED (exit 1)\t80\t120\n"
                    "bench_data\tskipped (suite budget spent)\t0\t3\n")
