@@ -203,7 +203,10 @@ def cmd_demo(args) -> int:
     models = load_models(args.tokenizer, args.ar, args.compiled, args.device, precision=_precision(args),
                          limits=limits)
     log.info("serving the demo on http://%s:%d (Ctrl-C stops it)", args.host, args.port)
-    launch(models, args.host, args.port)
+    try:
+        launch(models, args.host, args.port)
+    except KeyboardInterrupt:  # Ctrl-C while Gradio still finishes its start-up (the page may already be served)
+        log.info("stopped")
     return 0
 
 
