@@ -149,9 +149,9 @@ def test_decoder_step_and_latent_decode_match_eager(eager, compiled):
         torch.testing.assert_close(ours, ref, **TOL)
     x = torch.randn(2, 3, 16, 16, generator=g)
     step = compiled.programs["decoder_step"](x, torch.tensor([100.0, 700.0]), tokens[:2], torch.tensor(2.0))
-    slots = tok.model.prefix_condition(torch.cat([tokens[:2], torch.zeros(2, 1, 16)], dim=1), 3)
+    padded, keep = torch.cat([tokens[:2], torch.zeros(2, 1, 16)], dim=1), torch.tensor([3, 3])
     with torch.no_grad():
-        assert_close_fp32(step, tok.model.dit.forward_guided(x, torch.tensor([100.0, 700.0]), slots, 2.0))
+        assert_close_fp32(step, tok.model.dit.forward_guided(x, torch.tensor([100.0, 700.0]), padded, 2.0, keep))
         torch.testing.assert_close(compiled.programs["latent_decode"](x), tok.codec.decode(x).clamp(0, 1))
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from semanticist_fast.common.noise import BatchNoise
+from semanticist_fast.kernels import dispatch
 from semanticist_fast.models.nested_dropout import NestedDropout, NestedDropoutConfig
 
 DRAWS = 200_000
@@ -143,7 +144,7 @@ def test_apply_replaces_exactly_the_dropped_suffix(fast_paths, B, K, D, null_sha
     keep[0] = 0
     if B > 1:
         keep[1] = K
-    out = NestedDropout.apply(tokens, null, keep)
+    out = dispatch.nested_dropout(tokens, null, keep)
     assert out.shape == tokens.shape and out.dtype == tokens.dtype
     assert torch.equal(out, _expected_apply(tokens, null, keep))
 
@@ -155,7 +156,7 @@ def test_apply_gradients(fast_paths):
     null = torch.randn(1, K, D, generator=g, requires_grad=True)
     keep = torch.tensor([0, 9, 3, 1, 8, 3])
     upstream = torch.randn(B, K, D, generator=g)
-    (NestedDropout.apply(tokens, null, keep) * upstream).sum().backward()
+    (dispatch.nested_dropout(tokens, null, keep) * upstream).sum().backward()
 
     kept = (torch.arange(K)[None, :] < keep[:, None]).unsqueeze(-1)  # (B, K, 1)
     torch.testing.assert_close(tokens.grad, torch.where(kept, upstream, torch.zeros_like(upstream)))
@@ -171,6 +172,6 @@ def test_apply_bf16(fast_paths):
     tokens = torch.randn(4, 8, 16, generator=g).bfloat16()
     null = torch.randn(1, 8, 16, generator=g)  # a float32 parameter under bf16 activations
     keep = torch.tensor([2, 0, 8, 5])
-    out = NestedDropout.apply(tokens, null, keep)
+    out = dispatch.nested_dropout(tokens, null, keep)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, _expected_apply(tokens, null.bfloat16(), keep))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from semanticist_fast.diffusion import flow
-from semanticist_fast.diffusion.gaussian import DDPMSampling, GaussianDiffusion
+from semanticist_fast.diffusion.gaussian import DDPMProcess, GaussianDiffusion
 from semanticist_fast.diffusion.sampling import HeadSampler, classifier_free_guidance, decoder_process
 from semanticist_fast.diffusion.schedules import make_betas, space_timesteps
 
@@ -95,7 +95,7 @@ def test_dpm_solver_converges_at_second_order_and_beats_ddim(schedule):
 
 
 def test_dpm_decoder_sampler_by_name_with_learned_variance_channels():
-    process = DDPMSampling(T, "linear", learn_sigma=True)
+    process = DDPMProcess(T, "linear", learn_sigma=True)
     model = gaussian_eps("linear")
 
     def with_variance(x, t):  # the decoder's layout: epsilon channels, then variance channels the solver ignores

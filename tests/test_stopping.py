@@ -4,7 +4,7 @@ import torch
 
 from semanticist_fast.common.stopping import Stopped, check_stop, stop_when
 from semanticist_fast.diffusion.flow import RectifiedFlow
-from semanticist_fast.diffusion.gaussian import DDPMSampling
+from semanticist_fast.diffusion.gaussian import DDPMProcess
 from semanticist_fast.diffusion.sampling import HeadSampler
 
 
@@ -26,9 +26,9 @@ def after(n: int, network: Network):
 SAMPLERS = {
     "flow euler100": lambda net, noise: RectifiedFlow().sampler("euler100")(net, noise),
     "flow heun100": lambda net, noise: RectifiedFlow().sampler("heun100")(net, noise),
-    "ddpm ancestral 100": lambda net, noise: DDPMSampling(learn_sigma=False).sampler("100")(net, noise),
-    "ddpm ddim100": lambda net, noise: DDPMSampling(learn_sigma=False).sampler("ddim100")(net, noise),
-    "ddpm dpm100": lambda net, noise: DDPMSampling(learn_sigma=False).sampler("dpm100")(net, noise),
+    "ddpm ancestral 100": lambda net, noise: DDPMProcess(learn_sigma=False).sampler("100")(net, noise),
+    "ddpm ddim100": lambda net, noise: DDPMProcess(learn_sigma=False).sampler("ddim100")(net, noise),
+    "ddpm dpm100": lambda net, noise: DDPMProcess(learn_sigma=False).sampler("dpm100")(net, noise),
     "head flow sde": lambda net, noise: HeadSampler("flow", 100).sample(
         lambda x, t: net(x[..., None, None], t)[..., 0, 0], 2, 4, "cpu"),
     "head ddpm ode": lambda net, noise: HeadSampler("ddpm", 100).sample(

@@ -15,7 +15,7 @@ from semanticist_fast.engine.optimizer import build_adamw
 from semanticist_fast.eval.metrics import flat_images, psnr
 from semanticist_fast.inference import Tokenizer
 from semanticist_fast.models.latent_codec import PixelCodec
-from semanticist_fast.models.tokenizer import SemanticistTokenizer, decoder_process
+from semanticist_fast.models.tokenizer import SemanticistTokenizer, build_decoder_process
 from semanticist_fast.tasks import train
 
 SIZE, SLOTS = 16, 4
@@ -39,14 +39,14 @@ def informative_tokens(x: torch.Tensor) -> torch.Tensor:
 def test_decoder_reads_fixed_informative_tokens(one_thread):
     torch.manual_seed(0)
     model = SemanticistTokenizer(micro_tokenizer_run(*RECIPE).model)
-    process = decoder_process(model.cfg)
+    process = build_decoder_process(model.cfg)
     optimizer = build_adamw(model.dit, 2e-3, (0.9, 0.95), 0.0)
     train_images = images("train", 2048)
     for step in range(400):
         x = train_images[torch.randint(0, len(train_images), (32,))]
         keep = torch.where(torch.rand(32) < 0.1, 0, SLOTS)  # the all-null condition trains too
-        cond = model.condition(informative_tokens(x), keep)
-        loss = process.training_losses(lambda x_t, t: model.dit(x_t, t, cond), x * 2 - 1)["loss"].mean()
+        tokens = informative_tokens(x)
+        loss = process.training_losses(lambda x_t, t: model.dit(x_t, t, tokens, keep), x * 2 - 1)["loss"].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

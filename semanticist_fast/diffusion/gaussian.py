@@ -271,9 +271,10 @@ def sampler_for(steps: str, num_timesteps: int = 1000, schedule: str = "linear",
     return GaussianDiffusion.create(num_timesteps, schedule, steps, learn_sigma), method
 
 
-class DDPMSampling:
-    """The decoder-facing face of a trained chain: training losses on it, and samplers by name ("250", "ddim25",
-    "dpm20").
+class DDPMProcess:
+    """A DDPM diffusion process as an image decoder uses it, both directions: `training_losses` on the trained
+    chain (noising, ADM's hybrid loss) and `sampler(name)` ("250", "ddim25", "dpm20") to denoise. The rectified
+    flow's counterpart is flow.RectifiedFlow.
 
     Each sampler is its own respaced chain; `.to(device)` moves the training chain and every later sampler."""
 

@@ -16,7 +16,7 @@ import torch
 
 from ..common.stopping import stoppable
 from . import flow
-from .gaussian import DDPMSampling, GaussianDiffusion
+from .gaussian import DDPMProcess, GaussianDiffusion
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 HeadSamplerName = Literal["sde", "sde_naive", "ode", "heun", "adams", "dpm"]
@@ -113,4 +113,4 @@ def decoder_process(objective: Literal["ddpm", "flow"], num_timesteps: int = 100
     """The decoder's diffusion process: `.training_losses(model_fn, latents)` and `.sampler(spec)`."""
     if objective == "flow":
         return flow.RectifiedFlow(flow_t_mean, flow_t_std)
-    return DDPMSampling(num_timesteps, noise_schedule, learn_sigma)
+    return DDPMProcess(num_timesteps, noise_schedule, learn_sigma)

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 
 from ..models.diffusion_head import ResBlock
-from ..models.dit import DiTBlock, FinalLayer
+from ..models.dit import DiTBlock
 from ..models.gpt import TransformerBlock
+from ..models.layers import FinalLayer
 from ..models.vit import EncoderBlock
 
 COMPILED_BLOCKS: tuple[type[nn.Module], ...] = (EncoderBlock, DiTBlock, FinalLayer, TransformerBlock, ResBlock)

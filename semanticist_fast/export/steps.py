@@ -88,8 +88,9 @@ class DecoderStep(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
                 guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
         padding = tokens.new_zeros(tokens.shape[0], self.model.num_slots - tokens.shape[1], tokens.shape[2])
-        slots = self.model.prefix_condition(torch.cat([tokens, padding], dim=1), self.num_tokens)
-        return self.model.dit.forward_guided(x, t, slots, guidance if self.guided else 1.0)
+        tokens = torch.cat([tokens, padding], dim=1)
+        keep = torch.full_like(tokens[:, 0, 0], self.num_tokens, dtype=torch.long)
+        return self.model.dit.forward_guided(x, t, tokens, guidance if self.guided else 1.0, keep)
 
 
 class LatentDecode(nn.Module):

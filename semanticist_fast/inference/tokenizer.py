@@ -6,7 +6,7 @@ import torch
 
 from ..common.device import check_precision, inference_precision, resolve_device
 from ..models.latent_codec import build_codec
-from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, decoder_process
+from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, build_decoder_process
 from .checkpoints import load_model
 
 
@@ -19,7 +19,7 @@ class Tokenizer:
         self.model = model.to(self.device).eval()
         self.codec = codec.to(self.device).eval()
         self.config: TokenizerConfig = model.cfg
-        self.process = decoder_process(self.config).to(self.device)
+        self.process = build_decoder_process(self.config).to(self.device)
         self._samplers: dict = {}
 
     @classmethod
@@ -75,16 +75,16 @@ class Tokenizer:
         if not 0 <= k <= given:
             raise ValueError(f"num_tokens must be in [0, {given}] for {given} given tokens, got {k}")
         tokens = tokens.to(self.device, torch.float32)
-        if given < K:  # a prefix (e.g. from the AR model): pad; prefix_condition nulls every slot from k on
+        if given < K:  # a prefix (e.g. from the AR model): pad; the DiT nulls every slot from k on
             tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], K - given, tokens.shape[2])], dim=1)
-        cond = self.model.prefix_condition(tokens, k)
+        keep = torch.full((tokens.shape[0],), k, device=self.device, dtype=torch.long)  # nested dropout's keep
         guidance = self.config.diffusion.guidance if guidance is None else guidance
         sample = self._sampler(str(steps or self.config.diffusion.sample_steps))
         dit = self.model.dit
         shape = (tokens.shape[0], dit.in_channels, dit.grid * dit.patch_size, dit.grid * dit.patch_size)
         noise = torch.randn(shape, device=self.device, generator=generator)
         with inference_precision(self.device, self.precision):
-            latents = sample(lambda x, t: dit.forward_guided(x, t, cond, guidance), noise, generator, progress)
+            latents = sample(lambda x, t: dit.forward_guided(x, t, tokens, guidance, keep), noise, generator, progress)
             return self.codec.decode(latents).float().clamp(0, 1)
 
     @torch.no_grad()

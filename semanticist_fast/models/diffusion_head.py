@@ -8,13 +8,12 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..common.noise import SampleNoise
 from ..diffusion import flow
 from ..diffusion.gaussian import GaussianDiffusion
 from ..diffusion.sampling import HeadSampler, HeadSamplerName, guided_denoiser
-from .layers import TimestepEmbedder
+from .layers import FinalLayer, TimestepEmbedder
 
 CondMethod = Literal["concat", "adaln"]
 Objective = Literal["flow", "ddpm"]
@@ -41,21 +40,6 @@ class ResBlock(nn.Module):
         return x + gate * self.mlp(h)
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, width: int, out_channels: int, cond_method: CondMethod):
-        super().__init__()
-        self.width = width
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.linear = nn.Linear(2 * width if cond_method == "concat" else width, out_channels)
-
-    def forward(self, x, mod, cond: Optional[torch.Tensor]):
-        shift, scale = self.adaLN_modulation(mod).chunk(2, dim=-1)
-        h = _modulate(F.layer_norm(x, (self.width,), eps=1e-6), shift, scale)
-        if cond is not None:
-            h = torch.cat([h, cond], dim=-1)
-        return self.linear(h)
-
-
 class MLPAdaLN(nn.Module):
     def __init__(self, in_channels: int, width: int, out_channels: int, cond_dim: int, depth: int,
                  cond_method: CondMethod = "concat"):
@@ -67,7 +51,7 @@ class MLPAdaLN(nn.Module):
         self.cond_embed = nn.Linear(cond_dim, width)
         self.input_proj = nn.Linear(in_channels, width)
         self.res_blocks = nn.ModuleList([ResBlock(width, cond_method) for _ in range(depth)])
-        self.final_layer = FinalLayer(width, out_channels, cond_method)
+        self.final_layer = FinalLayer(width, out_channels, concat_dim=width if cond_method == "concat" else 0)
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..diffusion.sampling import classifier_free_guidance
 from ..kernels import dispatch
-from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from .layers import Attention, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from .sizes import resolve_size
 
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, hidden, heads
@@ -59,17 +59,6 @@ class DiTBlock(nn.Module):
         return dispatch.gated_residual(x, gate_mlp, self.mlp(h))
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, hidden, patch_size, out_channels):
-        super().__init__()
-        self.linear = nn.Linear(hidden, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(dispatch.layernorm_modulate(x, shift, scale, 1e-6))
-
-
 class SlotDiT(nn.Module):
     def __init__(self, cfg: DecoderConfig, latent_channels: int, latent_size: int, num_slots: int, slot_dim: int):
         super().__init__()
@@ -91,7 +80,7 @@ class SlotDiT(nn.Module):
         self.null_cond = nn.Parameter(torch.zeros(1, num_slots, slot_dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.grid).unsqueeze(0))
         self.blocks = nn.ModuleList(DiTBlock(hidden, heads, cfg.mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden, cfg.patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden, cfg.patch_size ** 2 * self.out_channels)
         self.repa_block = cfg.repa_block if 0 < cfg.repa_block <= depth else 0
         self.projector = nn.Sequential(
             nn.Linear(hidden, cfg.repa_proj_dim), nn.SiLU(),
@@ -126,12 +115,15 @@ class SlotDiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x, t, slots, return_repa: bool = False, keep: Optional[torch.Tensor] = None):
-        """x: noisy latents (B, C, H, W); t: (B,) timesteps; slots: (B, K, slot_dim) with dropped positions nulled,
-        or, with keep (B,) given, tokens whose positions >= keep[b] become the null slots here. Training passes keep:
-        under ZeRO-3 a parameter is gathered only inside its own module's forward, so null_cond is read here."""
-        if keep is not None:
-            slots = dispatch.nested_dropout(slots, self.null_cond, keep)
+    def forward(self, x, t, tokens, keep: Optional[torch.Tensor] = None, return_repa: bool = False):
+        """x: noisy latents (B, C, H, W); t: (B,) timesteps; tokens: (B, K, slot_dim).
+
+        keep (B,): sample b is conditioned on its first keep[b] tokens, the rest become the learned null slots
+        (nested dropout: training draws keep, decoding from the first k tokens passes k); None keeps every token.
+        This is the one place the null slots enter: under ZeRO-3 a parameter is gathered only inside its own
+        module's forward, so null_cond is read here and nowhere else.
+        """
+        slots = tokens if keep is None else dispatch.nested_dropout(tokens, self.null_cond, keep)
         h = self.x_embedder(x) + self.pos_embed
         slots = slots.to(h.dtype)
         if self.slot_to_patches is not None:
@@ -146,16 +138,18 @@ class SlotDiT(nn.Module):
         out = self.unpatchify(self.final_layer(h[:, :self.num_patches], c))
         return (out, repa) if return_repa else out
 
-    def forward_guided(self, x, t, slots, guidance):
-        """Classifier-free guided output for a batch x: the conditional and all-null branches run as one doubled
-        batch. Guidance applies to the predicted epsilon (or velocity) channels only; learned-variance channels
-        come from the conditional branch. guidance: a float (1.0: no guidance, one branch) or a 0-d tensor (an
-        exported step, which always runs both branches).
+    def forward_guided(self, x, t, tokens, guidance, keep: Optional[torch.Tensor] = None):
+        """Classifier-free guided output for a batch x: the conditional branch (tokens, keep as in forward) and the
+        all-null branch (keep 0) run as one doubled batch. Guidance applies to the predicted epsilon (or velocity)
+        channels only; learned-variance channels come from the conditional branch. guidance: a float (1.0: no
+        guidance, one branch) or a 0-d tensor (an exported step, which always runs both branches).
         """
         if not torch.is_tensor(guidance) and guidance == 1.0:
-            return self(x, t, slots)
-        null = self.null_cond.expand(slots.shape[0], -1, -1).to(slots.dtype)
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([slots, null]))
+            return self(x, t, tokens, keep)
+        if keep is None:
+            keep = torch.full_like(tokens[:, 0, 0], tokens.shape[1], dtype=torch.long)
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([tokens, tokens]),
+                   torch.cat([keep, torch.zeros_like(keep)]))
         return classifier_free_guidance(out, guidance, self.in_channels)
 
 

@@ -82,7 +82,9 @@ class KVCache:
         return k_all, v_all
 
 
-class Attention(nn.Module):
+class CausalSelfAttention(nn.Module):
+    """LLaMA-style causal self-attention (no biases, the official wqkv / wo names) that decodes from a KV cache."""
+
     def __init__(self, dim: int, heads: int, resid_dropout: float):
         super().__init__()
         self.dim, self.heads = dim, heads
@@ -118,7 +120,7 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, resid_dropout: float, ffn_dropout: float):
         super().__init__()
-        self.attention = Attention(dim, heads, resid_dropout)
+        self.attention = CausalSelfAttention(dim, heads, resid_dropout)
         self.feed_forward = FeedForward(dim, ffn_dropout)
         self.attention_norm = RMSNorm(dim)
         self.ffn_norm = RMSNorm(dim)

@@ -1,4 +1,4 @@
-"""Layers shared by the ViT encoder and the DiT decoder."""
+"""Layers shared by the ViT encoder, the DiT decoder, the diffusion head and the frozen DINOv2 teacher."""
 import math
 from typing import Optional
 
@@ -46,6 +46,30 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         out = attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class FinalLayer(nn.Module):
+    """adaLN output layer (DiT's and MAR's diffusion head's): LayerNorm without affine, shifted and scaled by the
+    conditioning vector c, then a linear. concat_dim > 0: a condition of that width joins after the modulation
+    (the head's "concat" conditioning). Zero-initialised by the owner (adaLN-Zero)."""
+
+    def __init__(self, hidden: int, out_features: int, concat_dim: int = 0):
+        super().__init__()
+        self.hidden = hidden
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden + concat_dim, out_features)
+
+    def forward(self, x, c, concat: Optional[torch.Tensor] = None):
+        """x (B, N, hidden) with c (B, hidden), one modulation per sample over its tokens (the DiT, on the fused
+        kernel); or x (N, hidden) with c (N or 1, hidden), one per row (the head)."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        if x.ndim == c.ndim:
+            h = F.layer_norm(x, (self.hidden,), eps=1e-6) * (1 + scale) + shift
+        else:
+            h = dispatch.layernorm_modulate(x, shift, scale, 1e-6)
+        if concat is not None:
+            h = torch.cat([h, concat], dim=-1)
+        return self.linear(h)
 
 
 class DropPath(nn.Module):

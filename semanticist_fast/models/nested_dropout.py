@@ -5,7 +5,6 @@ from typing import Literal, Optional
 import torch
 
 from ..common.noise import SampleNoise, noise_or_local
-from ..kernels import dispatch
 
 
 @dataclass
@@ -21,7 +20,8 @@ class NestedDropoutConfig:
 
 
 class NestedDropout:
-    """Draws how many leading slots each sample keeps; dropped positions get the learned null vector.
+    """Draws how many leading slots each sample keeps; the DiT puts its learned null vectors in the dropped
+    positions (SlotDiT.forward's keep, the same path that decodes from the first k tokens).
 
     Before nesting starts all slots are kept. With probability full_drop_prob a sample keeps none, which trains the
     all-null (unconditional) branch used by decoder CFG. The reference stopped doing this once nesting began, so
@@ -44,7 +44,3 @@ class NestedDropout:
         keep = drawn if self.nesting_active(step, epoch) else torch.full_like(drawn, K)
         full_drop = rng.rand(batch) < self.cfg.full_drop_prob
         return torch.where(full_drop, torch.zeros_like(keep), keep)
-
-    @staticmethod
-    def apply(tokens: torch.Tensor, null: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return dispatch.nested_dropout(tokens, null, keep)

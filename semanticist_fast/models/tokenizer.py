@@ -13,7 +13,7 @@ from ..common.noise import SampleNoise
 from ..diffusion import sampling
 from ..diffusion.flow import flow_steps
 from ..kernels import dispatch
-from .dit import DecoderConfig, SlotDiT
+from .dit import DecoderConfig, SlotDiT, repa_loss
 from .latent_codec import CodecConfig, codec_geometry
 from .nested_dropout import NestedDropout, NestedDropoutConfig
 from .vit import EncoderConfig, SlotEncoder
@@ -72,14 +72,18 @@ class TokenizerConfig:
                              "set model.decoder.learn_sigma=false")
 
 
-def decoder_process(cfg: TokenizerConfig):
-    """The decoder's diffusion process: `.training_losses(model_fn, latents)` and `.sampler("250" | "euler4" ...)`."""
+def build_decoder_process(cfg: TokenizerConfig):
+    """This tokenizer's diffusion process (diffusion.sampling.decoder_process from the model.diffusion settings):
+    `.training_losses(model_fn, latents)` and `.sampler("250" | "euler4" ...)`."""
     d = cfg.diffusion
     return sampling.decoder_process(d.objective, d.num_timesteps, d.noise_schedule, cfg.decoder.learn_sigma,
                                     d.flow_t_mean, d.flow_t_std)
 
 
 class SemanticistTokenizer(nn.Module):
+    """Owns no parameter itself: each is read inside its submodule's forward (the encoder, encoder2slot, the DiT),
+    which is what ZeRO-3 gathers around, so forward_loss may call them one after another."""
+
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
@@ -95,10 +99,37 @@ class SemanticistTokenizer(nn.Module):
         """images in [0, 1] (B, 3, H, W) -> tokens (B, K, slot_dim), PCA-ordered. rng: training's per-sample draws."""
         return dispatch.standardize_tokens(self.encoder2slot(self.encoder(images, rng)).float())
 
-    def condition(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Tokens with positions >= keep[b] replaced by the decoder's learned null slots."""
-        return self.nested.apply(tokens, self.dit.null_cond, keep)
+    def forward_loss(self, images: torch.Tensor, latents: torch.Tensor, process, step: int, epoch: int,
+                     repa_target: Optional[torch.Tensor] = None, rng: Optional[SampleNoise] = None):
+        """Training loss and metrics {"loss", "mse", ["vb"], ["repa"]} of a batch: encode the images, keep a drawn
+        prefix of each sample's tokens (nested dropout), and train the DiT to denoise the images' latents with
+        `process` (build_decoder_process: DDPM or rectified flow) given that prefix, plus the REPA alignment of its
+        hidden state with the frozen teacher's patch features repa_target (B, G*G, D) when given.
 
-    def prefix_condition(self, tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        keep = torch.full((tokens.shape[0],), num_tokens, device=tokens.device, dtype=torch.long)
-        return self.condition(tokens, keep)
+        images in [0, 1] (B, 3, H, W); latents (B, C, h, w) from the frozen codec; step, epoch: when nesting starts.
+        rng: the per-sample draws (common/noise.py), in this order: encoder, nested dropout, diffusion.
+        """
+        tokens = self.encode(images, rng)
+        keep = self.nested.sample_keep(images.shape[0], step, epoch, images.device, rng)
+        projected = {}
+
+        def denoiser(x_t, timesteps):
+            if repa_target is None:
+                return self.dit(x_t, timesteps, tokens, keep)
+            out, projected["repa"] = self.dit(x_t, timesteps, tokens, keep, return_repa=True)
+            return out
+
+        terms = process.training_losses(denoiser, latents, rng=rng)
+        loss = terms["loss"].mean()
+        metrics = {"loss": loss, "mse": terms["mse"].mean()}
+        if "vb" in terms:
+            metrics["vb"] = terms["vb"].mean()
+        if repa_target is not None:
+            if projected["repa"] is None:
+                raise ValueError(f"a REPA target was given, but model.decoder.repa_block={self.cfg.decoder.repa_block} "
+                                 f"is outside the DiT's {len(self.dit.blocks)} blocks (no projector): set it in "
+                                 f"1..{len(self.dit.blocks)}, or leave model.repa.teacher_path empty")
+            metrics["repa"] = repa_loss(projected["repa"], repa_target).mean()
+            loss = loss + self.cfg.repa.weight * metrics["repa"]
+        metrics["loss"] = loss
+        return loss, metrics

@@ -18,7 +18,7 @@ from ..data.loader import steps_per_epoch
 from ..data.transforms import num_views
 from ..models.dinov2 import DinoV2, DinoV2Config
 from ..models.latent_codec import KL16Codec, PixelCodec, codec_geometry
-from ..models.tokenizer import decoder_process
+from ..models.tokenizer import build_decoder_process
 from ..models.vae_kl import AutoencoderKL, VAEConfig
 from ..tasks.autoregressive import ARTask
 from ..tasks.tokenizer import TokenizerTask
@@ -62,7 +62,7 @@ def build_task(run):
                 return torch.randn(m, cfg.num_tokens, cfg.token_dim), torch.zeros(m, dtype=torch.long)
             frozen = []
     if run.kind == "tokenizer":  # the diffusion's schedule tables: small, real CPU tensors
-        task.process = decoder_process(run.model)
+        task.process = build_decoder_process(run.model)
     return task, make_batch, frozen
 
 

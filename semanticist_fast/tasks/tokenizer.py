@@ -16,9 +16,8 @@ from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
 from ..eval.config import EvalConfig
 from ..eval.grid import save_grid, token_counts
 from ..inference.tokenizer import Tokenizer
-from ..models.dit import repa_loss
 from ..models.latent_codec import build_codec, codec_geometry, codec_weights_file
-from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, decoder_process
+from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, build_decoder_process
 from .spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class TokenizerTask:
         self.run, self.device = run, device
         self.codec = build_codec(cfg.codec).to(device) if codec is None else codec
         self.model = SemanticistTokenizer(cfg).to(device)
-        self.process = decoder_process(cfg).to(device)
+        self.process = build_decoder_process(cfg).to(device)
         self.teacher = teacher
         if teacher is None and cfg.repa.teacher_path:
             from ..models.dinov2 import load_dinov2
@@ -66,7 +65,8 @@ class TokenizerTask:
 
     def loss(self, model: SemanticistTokenizer, batch, step: int, epoch: int, rng: Optional[SampleNoise] = None):
         """batch: (images, labels), or with data.latents (images, labels, posterior mean, logvar) of the same views;
-        the posterior is sampled here either way, with the trainer's noise."""
+        the posterior is sampled here either way, with the trainer's noise. The frozen codec and teacher run here;
+        the rest is the model's forward_loss."""
         images = batch[0].to(self.device, non_blocking=True)
         with torch.no_grad():
             if len(batch) == 4:
@@ -75,27 +75,7 @@ class TokenizerTask:
             else:
                 latents = self.codec.encode(images, rng).float()
             target = self.teacher(images) if self.teacher is not None else None
-        tokens = model.encode(images, rng)
-        keep = model.nested.sample_keep(images.shape[0], step, epoch, self.device, rng)
-        projected = {}
-
-        def denoiser(x_t, timesteps):
-            if target is None:
-                return model.dit(x_t, timesteps, tokens, keep=keep)
-            out, projected["repa"] = model.dit(x_t, timesteps, tokens, return_repa=True, keep=keep)
-            return out
-
-        terms = self.process.training_losses(denoiser, latents, rng=rng)
-        loss = terms["loss"].mean()
-        metrics = {"loss": loss, "mse": terms["mse"].mean()}
-        if "vb" in terms:
-            metrics["vb"] = terms["vb"].mean()
-        if target is not None:
-            repa = repa_loss(projected["repa"], target).mean()
-            loss = loss + self.run.model.repa.weight * repa
-            metrics["repa"] = repa
-            metrics["loss"] = loss
-        return loss, metrics
+        return model.forward_loss(images, latents, self.process, step, epoch, target, rng)
 
     @torch.no_grad()
     def preview(self, model: SemanticistTokenizer, step: int, path: Path) -> None:
