@@ -106,3 +106,23 @@ def test_task_loss_equals_reference_bit_for_bit(objective, repa, nesting):
     assert grads["dit.null_cond"].abs().sum() > 0
     if repa:
         assert grads["dit.projector.0.weight"].abs().sum() > 0
+
+
+def test_decoding_from_a_prefix_takes_the_training_path():
+    """Decoding from the first k tokens (keep = k, CFG's branch keep = 0) is the plain masking of training: slots from
+    k on are the null slots whatever the tokens there hold, and the guided output is uncond + g * (cond - uncond)."""
+    run = micro_tokenizer_run("model.diffusion.objective=ddpm", "model.diffusion.sample_steps=ddim5")
+    model = randomized(TokenizerTask(run, torch.device("cpu"), None, codec=PixelCodec()).new_model(), seed=4).eval()
+    g = torch.Generator().manual_seed(5)
+    tokens, x = torch.randn(3, 4, 16, generator=g), torch.randn(3, 3, 16, 16, generator=g)
+    t, keep = torch.tensor([10, 500, 999]), torch.tensor([0, 2, 4])
+    null = model.dit.null_cond.expand_as(tokens)
+    slots = torch.where(torch.arange(4)[None, :, None] < keep[:, None, None], tokens, null)
+    with torch.no_grad():
+        cond, uncond = model.dit(x, t, slots), model.dit(x, t, null.contiguous())
+        guided = model.dit.forward_guided(x, t, tokens, 2.5, keep)
+        garbage = torch.where(torch.arange(4)[None, :, None] < keep[:, None, None], tokens, torch.randn_like(tokens))
+        assert torch.equal(model.dit(x, t, garbage, keep), cond)
+    C = model.dit.in_channels
+    torch.testing.assert_close(guided[:, :C], uncond[:, :C] + 2.5 * (cond[:, :C] - uncond[:, :C]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(guided[:, C:], cond[:, C:], rtol=1e-6, atol=1e-6)  # the learned variance comes from the conditional branch
