@@ -126,3 +126,11 @@ def test_decoding_from_a_prefix_takes_the_training_path():
     C = model.dit.in_channels
     torch.testing.assert_close(guided[:, :C], uncond[:, :C] + 2.5 * (cond[:, :C] - uncond[:, :C]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(guided[:, C:], cond[:, C:], rtol=1e-6, atol=1e-6)  # the learned variance comes from the conditional branch
+
+
+def test_a_repa_target_without_a_projector_names_the_setting():
+    run = micro_tokenizer_run("model.decoder.repa_block=0")
+    model = TokenizerTask(run, torch.device("cpu"), None, codec=PixelCodec()).new_model()
+    images = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="model.decoder.repa_block=0 is outside the DiT's 1 blocks"):
+        model.forward_loss(images, images * 2 - 1, RectifiedFlow(), 0, 0, repa_target=torch.randn(2, 64, 8))
