@@ -109,7 +109,7 @@ def test_compile_blocks_counts_and_keeps_the_module_tree():
     assert compile_blocks(model) == 2 + 1 + 1  # encoder blocks, DiT blocks, DiT final layer
     assert list(model.state_dict()) == keys
     gpt = tiny_gpt()
-    assert compile_blocks(gpt) == 2 + 2  # transformer blocks, head residual blocks
+    assert compile_blocks(gpt) == 2 + 2 + 1  # transformer blocks, head residual blocks, head output layer
     copied = copy.deepcopy(gpt)  # the EMA copy: eager again, bound to its own weights
     assert all(m._compiled_call_impl is None for m in copied.modules())
 
