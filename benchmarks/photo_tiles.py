@@ -47,8 +47,9 @@ def photo_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data"
 
 
-def cut_tiles(photo: Path, out_dir: Path, short_sides, stride: int) -> int:
-    """Tiles of TILE px every `stride` px, from the photo resized to each short side; returns how many."""
+def cut_tiles(photo: Path, out_dir: Path, short_sides, stride: int, colour_rotations: int = 1) -> int:
+    """Tiles of TILE px every `stride` px, from the photo resized to each short side; returns how many.
+    colour_rotations 3: each tile also with its channels cycled (RGB -> GBR -> BRG), hues turned by 120 degrees."""
     image = Image.open(photo).convert("RGB")
     count = 0
     for short in short_sides:
@@ -56,20 +57,25 @@ def cut_tiles(photo: Path, out_dir: Path, short_sides, stride: int) -> int:
         resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
         for top in range(0, resized.height - TILE + 1, stride):
             for left in range(0, resized.width - TILE + 1, stride):
-                resized.crop((left, top, left + TILE, top + TILE)).save(out_dir / f"{short}-{top}-{left}.png")
-                count += 1
+                tile = resized.crop((left, top, left + TILE, top + TILE))
+                channels = tile.split()
+                for turn in range(colour_rotations):
+                    turned = Image.merge("RGB", channels[turn:] + channels[:turn])
+                    turned.save(out_dir / f"{short}-{top}-{left}{f'-c{turn}' if turn else ''}.png")
+                    count += 1
     return count
 
 
-def make_image_folders(root: Path) -> tuple[Path, Path, dict]:
+def make_image_folders(root: Path, colour_rotations: int = 1) -> tuple[Path, Path, dict]:
     source = photo_dir()
     counts = {}
-    for split, photos, sides, stride in (("train", TRAIN_PHOTOS, TRAIN_SHORT_SIDES, TRAIN_STRIDE),
-                                         ("val", HELD_OUT_PHOTOS, (VAL_SHORT_SIDE,), TILE)):
+    for split, photos, sides, stride, turns in (
+            ("train", TRAIN_PHOTOS, TRAIN_SHORT_SIDES, TRAIN_STRIDE, colour_rotations),
+            ("val", HELD_OUT_PHOTOS, (VAL_SHORT_SIDE,), TILE, 1)):
         for name in photos:
             folder = root / split / Path(name).stem
             folder.mkdir(parents=True, exist_ok=True)
-            counts[f"{split}/{name}"] = cut_tiles(source / name, folder, sides, stride)
+            counts[f"{split}/{name}"] = cut_tiles(source / name, folder, sides, stride, turns)
     return root / "train", root / "val", counts
 
 
@@ -84,12 +90,14 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: those of the built-in demo)")
     p.add_argument("--num-images", type=int, default=64, help="held-out tiles to reconstruct")
     p.add_argument("--decode-samples", type=int, default=4, help="draws averaged per image for mean_report")
+    p.add_argument("--colour-rotations", type=int, choices=(1, 3), default=1,
+                   help="3: train on every tile in three colour rotations (channels cycled), the same steps")
     add_record_arguments(p)
     args = p.parse_args(argv)
     check_clean(args.allow_dirty, args.no_write)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = Path(args.out)
-    train_root, val_root, counts = make_image_folders(out / "tiles")
+    train_root, val_root, counts = make_image_folders(out / "tiles", args.colour_rotations)
     num_train = sum(v for k, v in counts.items() if k.startswith("train/"))
     demo = load_config(TokenizerRun, args.config)
     steps = args.steps or demo.train.epochs * (demo.data.num_items // demo.train.batch_size)
@@ -111,6 +119,7 @@ def main(argv=None) -> dict:
     save_grid([images[shown]] + [r[shown] for r in means.values()], out / "held_out_mean.png")
     record = {"device": describe_device(torch.device("cpu")), "device_kind": "cpu", "config": args.config,
               "train_tiles": num_train, "held_out_tiles": counts_val(counts), "epochs": epochs,
+              "colour_rotations": args.colour_rotations,
               "train_photos": list(TRAIN_PHOTOS), "held_out_photos": list(HELD_OUT_PHOTOS), "report": report,
               "mean_report": mean_report}
     if not args.no_write:
