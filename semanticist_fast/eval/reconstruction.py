@@ -54,10 +54,10 @@ def held_out_images(checkpoint, image_size: int, num_images: int) -> torch.Tenso
 def reconstruction_report(tok: Tokenizer, images: torch.Tensor, counts: Sequence[int],
                           guidance: Optional[float] = None, steps: Optional[str] = None, seed: int = 0,
                           batch_size: int = 32, on_count: Optional[Callable[[int, int], None]] = None,
-                          step_bars: bool = False) -> tuple[dict, dict[int, torch.Tensor]]:
+                          step_bars: bool = False, samples: int = 1) -> tuple[dict, dict[int, torch.Tensor]]:
     """(report, {k: reconstructions}). Batch i decodes with noise seeded seed + i * batch_size, the same for every k,
     so the rows differ only in the tokens they were given. on_count(i, k) is called before the i-th count's decode;
-    step_bars shows a tqdm bar over each decode's steps."""
+    step_bars shows a tqdm bar over each decode's steps. samples: draws averaged per image (Tokenizer.decode)."""
     batches = list(images.split(batch_size))
     tokens = [tok.encode(batch) for batch in batches]
     reconstructions = {}
@@ -68,7 +68,7 @@ def reconstruction_report(tok: Tokenizer, images: torch.Tensor, counts: Sequence
         for i, batch_tokens in enumerate(tokens):
             generator = torch.Generator(tok.device).manual_seed(seed + i * batch_size)
             decoded.append(tok.decode(batch_tokens, num_tokens=k, guidance=guidance, steps=steps,
-                                      generator=generator, progress=step_bars).cpu())
+                                      generator=generator, progress=step_bars, samples=samples).cpu())
         reconstructions[int(k)] = torch.cat(decoded)
     flat = scores(flat_images(images), images)
     rows = []
@@ -80,6 +80,7 @@ def reconstruction_report(tok: Tokenizer, images: torch.Tensor, counts: Sequence
         "images": len(images),
         "steps": str(steps or tok.config.diffusion.sample_steps),
         "guidance": tok.config.diffusion.guidance if guidance is None else guidance,
+        "samples": samples,
         "flat": flat,
         "per_tokens": rows,
     }
@@ -88,8 +89,9 @@ def reconstruction_report(tok: Tokenizer, images: torch.Tensor, counts: Sequence
 
 def format_report(report: dict) -> str:
     """The report as a table for the terminal."""
+    samples = f", mean of {report['samples']} draws" if report.get("samples", 1) > 1 else ""
     lines = [f"reconstructions of {report['images']} images (decoder steps {report['steps']}, "
-             f"guidance {report['guidance']:g}); flat = each image painted its mean colour",
+             f"guidance {report['guidance']:g}{samples}); flat = each image painted its mean colour",
              f"{'tokens':>8}  {'MSE':>8}  {'PSNR dB':>8}  {'vs flat':>8}  {'SSIM':>6}"]
     flat = report["flat"]
     lines.append(f"{'flat':>8}  {flat['mse']:8.5f}  {flat['psnr']:8.2f}  {0.0:+8.2f}  {flat['ssim']:6.3f}")
