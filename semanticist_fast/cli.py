@@ -161,7 +161,9 @@ def add_reconstruct_parser(sub) -> None:
     r.add_argument("--metrics-json", default=None, help="write the report as JSON here")
     r.add_argument("--num-images", type=_positive("--num-images"), default=64, help="held-out images to score")
     r.add_argument("--grid-images", type=_positive("--grid-images"), default=8, help="images per row of the grid")
-    r.add_argument("--batch-size", type=_positive("--batch-size"), default=32, help="images decoded at once")
+    r.add_argument("--batch-size", type=_positive("--batch-size"), default=32,
+                   help="images decoded at once, each batch with its own seeded noise as each shard of `eval recon`: "
+                        "the same figures as eval recon with --shard-size equal to this, the same images and seed")
     r.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
                    help="decoder classifier-free guidance (default: the config's model.diffusion.guidance)")
     r.add_argument("--steps", default=None,
