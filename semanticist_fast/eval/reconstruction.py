@@ -53,6 +53,7 @@ def held_out_images(checkpoint, image_size: int, num_images: int) -> torch.Tenso
 
 # The seed stream of the decoder noise: chunk c of a seed decodes from derive_seed(seed, RECON_STREAM, c).
 RECON_STREAM = 11
+METRICS = ("mse", "psnr", "ssim")  # per image
 
 
 def as_scored(images: torch.Tensor) -> torch.Tensor:
@@ -88,9 +89,6 @@ def reconstruct_chunk(tok: Tokenizer, images: torch.Tensor, counts: Sequence[int
         reconstructions[int(k)] = rec
         scores.update(_scores(f"k{k}", as_scored(rec), originals))
     return reconstructions, scores
-
-
-METRICS = ("mse", "psnr", "ssim")
 
 
 def _scores(what: str, reconstructions: torch.Tensor, originals: torch.Tensor) -> dict[str, np.ndarray]:
