@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("semanticist_fast")
+_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every subcommand's help shows its defaults
 
 
 class UsageError(ValueError):
@@ -46,6 +47,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a tokenizer or AR model from a YAML config", formatter_class=_FORMAT)
+    t.add_argument("config", help="YAML config (its kind: tokenizer or autoregressive)")
+    t.add_argument("--out", default="runs/latest", help="run directory: config.yaml, checkpoints/, metrics, previews")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies")
+    t.add_argument("--deepspeed-config", default=None,
+                   help="JSON of further DeepSpeed settings (train.engine=deepspeed); a key the YAML sets too is an "
+                        "error")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=64")
+    # Launchers that pass the local rank as an argument (the env var LOCAL_RANK is what counts).
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.set_defaults(fn=cmd_train)
+
+
 def cmd_plan(args) -> int:
     from .config import load_config
     from .plan.planner import format_plan, make_plan
@@ -55,6 +70,26 @@ def cmd_plan(args) -> int:
     plan = make_plan(run, args.gpus, args.nodes, args.gpu, args.images, args.mfu, args.views)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
+
+
+def add_plan_parser(sub) -> None:
+    from .plan.hardware import GPUS
+
+    pl = sub.add_parser("plan", help="what `train CONFIG` would cost: parameters, FLOPs, memory per GPU, time, "
+                                     "disk (no weights or data read)", formatter_class=_FORMAT)
+    pl.add_argument("config", help="YAML config, as for train")
+    pl.add_argument("--gpus", type=_positive("--gpus"), default=1, help="GPUs in all")
+    pl.add_argument("--nodes", type=_positive("--nodes"), default=1, help="nodes they span")
+    pl.add_argument("--gpu", default="h100", choices=list(GPUS), help="the GPU: its memory, peak FLOP/s and links")
+    pl.add_argument("--images", type=_positive("--images"), default=None,
+                    help="training images (default: data.num_items, or ImageNet's 1,281,167 for an imagenet root)")
+    pl.add_argument("--mfu", type=float, default=None,
+                    help="model FLOPs utilisation (default: the results store's for this model and GPU, else 0.4)")
+    pl.add_argument("--views", choices=["ten_crop", "center_flip", "center"], default=None,
+                    help="views per image of the cache (default: cache.views; the latent cache: ten_crop)")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
+    pl.set_defaults(fn=cmd_plan)
 
 
 def cmd_cache(args) -> int:
@@ -74,6 +109,20 @@ def cmd_cache(args) -> int:
     else:
         log.info("this rank's shards of %s are built; the cache is complete once every rank has finished", out)
     return 0
+
+
+def add_cache_parser(sub) -> None:
+    k = sub.add_parser("cache", help="encode a tokenizer config's training images once: the VAE posterior of every "
+                                     "view, for data.latents=DIR", formatter_class=_FORMAT)
+    k.add_argument("config", help="tokenizer YAML (model.codec: the KL-16 VAE; data: the images)")
+    k.add_argument("--out", required=True, help="cache directory (a partial build resumes)")
+    k.add_argument("--views", choices=["ten_crop", "center_flip", "center"], default="ten_crop",
+                   help="views per image: ten-crop (20), the centre crop and its mirror, or the centre crop")
+    k.add_argument("--shard-size", type=_positive("--shard-size"), default=256, help="images per shard")
+    k.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="views per encoder call")
+    k.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=/data/train")
+    k.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    k.set_defaults(fn=cmd_cache)
 
 
 def cmd_reconstruct(args) -> int:
@@ -101,12 +150,47 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def add_reconstruct_parser(sub) -> None:
+    r = sub.add_parser("reconstruct", help="reconstruct images from their first k tokens; MSE / PSNR / SSIM per k "
+                                           "against the flat mean-colour baseline", formatter_class=_FORMAT)
+    r.add_argument("ckpt", help="checkpoint (folder or file) or run directory (its newest checkpoint that verifies)")
+    r.add_argument("images", nargs="*",
+                   help="image files (default: the run's held-out images: the built-in val split or data.val_root)")
+    r.add_argument("--tokens", default=None, help="token counts, e.g. 1,4,16,all (default: 1, 2, 4, ... all)")
+    r.add_argument("--out", default=None, help="PNG grid path (none: no grid)")
+    r.add_argument("--metrics-json", default=None, help="write the report as JSON here")
+    r.add_argument("--num-images", type=_positive("--num-images"), default=64, help="held-out images to score")
+    r.add_argument("--grid-images", type=_positive("--grid-images"), default=8, help="images per row of the grid")
+    r.add_argument("--batch-size", type=_positive("--batch-size"), default=32,
+                   help="images decoded at once, each batch with its own seeded noise as each shard of `eval recon`: "
+                        "the same figures as eval recon with --shard-size equal to this, the same images and seed")
+    r.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                   help="decoder classifier-free guidance (default: the config's model.diffusion.guidance)")
+    r.add_argument("--steps", default=None,
+                   help="decoder steps: 250 or ddim25 (ddpm), euler4 (flow) (default: the config's)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the decoding noise")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(r)
+    r.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
+    r.set_defaults(fn=cmd_reconstruct)
+
+
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
 
     path = convert_checkpoint(args.src, args.out, kind=args.kind, overrides=args.overrides)
     log.info("wrote %s", path)
     return 0
+
+
+def add_convert_parser(sub) -> None:
+    c = sub.add_parser("convert", help="convert an official Semanticist checkpoint to ours (a .safetensors file)",
+                       formatter_class=_FORMAT)
+    c.add_argument("src", help="official checkpoint (.pt / .pth / .safetensors)")
+    c.add_argument("out", help="where to write ours (.safetensors)")
+    c.add_argument("--kind", choices=["auto", "tokenizer", "gpt"], default="auto", help="what src holds")
+    c.add_argument("overrides", nargs="*", help="config overrides for the converted model, e.g. model.codec.path=...")
+    c.set_defaults(fn=cmd_convert)
 
 
 def _parse_classes(spec: str, num_classes: int) -> list[int]:
@@ -166,6 +250,24 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def add_sample_parser(sub) -> None:
+    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint or an exported directory",
+                       formatter_class=_FORMAT)
+    s.add_argument("ckpt", nargs="?", default=None, help="AR checkpoint (folder or file) or run directory")
+    s.add_argument("--compiled", default=None, metavar="DIR",
+                   help="sample with the AOTInductor packages of `semanticist-fast export` instead of a checkpoint")
+    s.add_argument("--classes", default="0,1", help="comma-separated class indices, one grid row each")
+    s.add_argument("--per-class", type=_positive("--per-class"), default=4, help="samples per class")
+    _add_sampling_args(s)
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--batch-size", type=_positive("--batch-size"), default=64,
+                   help="samples drawn at once (--compiled: at most the export's)")
+    s.add_argument("--out", default="samples.png", help="PNG grid; the images and labels also go to OUT.npz")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(s)
+    s.set_defaults(fn=cmd_sample)
+
+
 SAMPLING_OPTIONS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampler", "decoder_guidance",
                     "decoder_steps")
 
@@ -183,6 +285,22 @@ def cmd_export(args) -> int:
                           precision=_precision(args), **_sampling_overrides(args))
     log.info("wrote %s and its packages; sample with: semanticist-fast sample --compiled %s", path, args.out)
     return 0
+
+
+def add_export_parser(sub) -> None:
+    x = sub.add_parser("export", help="AOTInductor packages of the sampler's steps, for `sample --compiled`",
+                       formatter_class=_FORMAT)
+    x.add_argument("ckpt", help="AR checkpoint (folder or file) or run directory")
+    x.add_argument("--out", required=True, help="directory for the packages and manifest.json")
+    x.add_argument("--batch", type=_positive("--batch"), default=8, help="the largest batch the packages take")
+    x.add_argument("--static-batch", action="store_true",
+                   help="compile for exactly --batch images, not a dynamic batch of 1..--batch")
+    x.add_argument("--no-compile", action="store_true",
+                   help="write the traced programs uncompiled (torch.export.save): no C++ compiler needed, eager speed")
+    _add_sampling_args(x)
+    x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(x)
+    x.set_defaults(fn=cmd_export)
 
 
 def cmd_demo(args) -> int:
@@ -215,6 +333,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="the browser demos: reconstructions from the first k tokens, class-conditional "
+                                    "samples (Gradio: pip install -e .[demo])", formatter_class=_FORMAT)
+    d.add_argument("--tokenizer", default=None,
+                   help="tokenizer run directory, checkpoint or weights file (default: the one --ar was trained on)")
+    d.add_argument("--ar", default=None, help="AR run directory or checkpoint: turns on the generation tab")
+    d.add_argument("--compiled", default=None, metavar="DIR",
+                   help="an exported directory (semanticist-fast export): the generation tab samples with it")
+    d.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on; 0.0.0.0 opens the demo to the network")
+    d.add_argument("--port", type=_positive("--port"), default=7860, help="port to serve on")
+    d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
+    _add_precision_arg(d)
+    d.add_argument("--threads", type=_positive("--threads"), default=1,
+                   help="CPU threads for the model calls: the tiny models answer fastest on one; raise it for "
+                        "large models on a CPU")
+    d.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                   help="raise or lower a bound on one request's work, e.g. flow_steps=1000 or request_seconds=600 "
+                        "(repeatable; the keys and defaults: README, Browser demo)")
+    d.set_defaults(fn=cmd_demo)
+
+
 def _eval_config(args):
     from .common.runs import saved_config
     from .eval.config import resolve_eval_config
@@ -223,6 +363,14 @@ def _eval_config(args):
              ("inception_path", "reference", "reference_images", "num_images", "per_class", "tokens", "shard_size",
               "seed")}
     return resolve_eval_config(saved_config(args.ckpt), args.config, args.overrides, **flags)
+
+
+def add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="rFID / PSNR / SSIM of a tokenizer, gFID / IS of an AR model (torch-fidelity; "
+                                    "seeded, resumable, split across ranks under torchrun)", formatter_class=_FORMAT)
+    kinds = e.add_subparsers(dest="eval_kind", required=True, help="recon (a tokenizer) or gen (an AR model)")
+    add_eval_recon_parser(kinds)
+    add_eval_gen_parser(kinds)
 
 
 def cmd_eval_recon(args) -> int:
@@ -236,6 +384,19 @@ def cmd_eval_recon(args) -> int:
     return 0
 
 
+def add_eval_recon_parser(kinds) -> None:
+    er = kinds.add_parser("recon", help="rFID, PSNR and SSIM of reconstructions of the run's held-out images",
+                          formatter_class=_FORMAT)
+    _add_eval_args(er)
+    er.add_argument("--tokens", default=None, help="token counts to score, e.g. 1,2,4,all (eval.tokens; default all)")
+    er.add_argument("--num-images", type=int, default=None, help="held-out images to use (eval.num_images; 0: all)")
+    er.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
+                    help="decoder guidance (default: the config's model.diffusion.guidance)")
+    er.add_argument("--steps", default=None, help="decoder steps (default: the config's model.diffusion.sample_steps)")
+    er.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
+    er.set_defaults(fn=cmd_eval_recon)
+
+
 def cmd_eval_gen(args) -> int:
     from .eval.gen_eval import evaluate_generation, format_gen_summary
 
@@ -245,6 +406,17 @@ def cmd_eval_gen(args) -> int:
     if summary is not None:  # rank 0
         print(format_gen_summary(summary))
     return 0
+
+
+def add_eval_gen_parser(kinds) -> None:
+    eg = kinds.add_parser("gen", help="gFID and IS of class-balanced samples from an AR checkpoint",
+                          formatter_class=_FORMAT)
+    _add_eval_args(eg)
+    eg.add_argument("--per-class", type=_positive("--per-class"), default=None, help="samples per class (eval.per_class; default 50)")
+    eg.add_argument("--reference-images", type=int, default=None,
+                    help="without --reference: training images for the statistics (0: as many as samples)")
+    _add_sampling_args(eg)
+    eg.set_defaults(fn=cmd_eval_gen)
 
 
 def version_text() -> str:
@@ -334,157 +506,20 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="eval.key=value overrides, e.g. eval.is_splits=5")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .plan.hardware import GPUS
+# One function per subcommand, beside its handler; in the order `--help` lists them.
+SUBCOMMANDS = (add_train_parser, add_plan_parser, add_cache_parser, add_reconstruct_parser, add_convert_parser,
+               add_sample_parser, add_eval_parser, add_export_parser, add_demo_parser)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semanticist-fast", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action=_VersionAction, help="print the package, torch, CUDA and extension status")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a tokenizer or AR model from a YAML config", formatter_class=fmt)
-    t.add_argument("config", help="YAML config (its kind: tokenizer or autoregressive)")
-    t.add_argument("--out", default="runs/latest", help="run directory: config.yaml, checkpoints/, metrics, previews")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies")
-    t.add_argument("--deepspeed-config", default=None,
-                   help="JSON of further DeepSpeed settings (train.engine=deepspeed); a key the YAML sets too is an "
-                        "error")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=64")
-    # Launchers that pass the local rank as an argument (the env var LOCAL_RANK is what counts).
-    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    t.set_defaults(fn=cmd_train)
-
-    pl = sub.add_parser("plan", help="what `train CONFIG` would cost: parameters, FLOPs, memory per GPU, time, "
-                                     "disk (no weights or data read)", formatter_class=fmt)
-    pl.add_argument("config", help="YAML config, as for train")
-    pl.add_argument("--gpus", type=_positive("--gpus"), default=1, help="GPUs in all")
-    pl.add_argument("--nodes", type=_positive("--nodes"), default=1, help="nodes they span")
-    pl.add_argument("--gpu", default="h100", choices=list(GPUS), help="the GPU: its memory, peak FLOP/s and links")
-    pl.add_argument("--images", type=_positive("--images"), default=None,
-                    help="training images (default: data.num_items, or ImageNet's 1,281,167 for an imagenet root)")
-    pl.add_argument("--mfu", type=float, default=None,
-                    help="model FLOPs utilisation (default: the results store's for this model and GPU, else 0.4)")
-    pl.add_argument("--views", choices=["ten_crop", "center_flip", "center"], default=None,
-                    help="views per image of the cache (default: cache.views; the latent cache: ten_crop)")
-    pl.add_argument("--json", action="store_true", help="the plan as JSON")
-    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
-    pl.set_defaults(fn=cmd_plan)
-
-    k = sub.add_parser("cache", help="encode a tokenizer config's training images once: the VAE posterior of every "
-                                     "view, for data.latents=DIR", formatter_class=fmt)
-    k.add_argument("config", help="tokenizer YAML (model.codec: the KL-16 VAE; data: the images)")
-    k.add_argument("--out", required=True, help="cache directory (a partial build resumes)")
-    k.add_argument("--views", choices=["ten_crop", "center_flip", "center"], default="ten_crop",
-                   help="views per image: ten-crop (20), the centre crop and its mirror, or the centre crop")
-    k.add_argument("--shard-size", type=_positive("--shard-size"), default=256, help="images per shard")
-    k.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="views per encoder call")
-    k.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=/data/train")
-    k.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    k.set_defaults(fn=cmd_cache)
-
-    r = sub.add_parser("reconstruct", help="reconstruct images from their first k tokens; MSE / PSNR / SSIM per k "
-                                           "against the flat mean-colour baseline", formatter_class=fmt)
-    r.add_argument("ckpt", help="checkpoint (folder or file) or run directory (its newest checkpoint that verifies)")
-    r.add_argument("images", nargs="*",
-                   help="image files (default: the run's held-out images: the built-in val split or data.val_root)")
-    r.add_argument("--tokens", default=None, help="token counts, e.g. 1,4,16,all (default: 1, 2, 4, ... all)")
-    r.add_argument("--out", default=None, help="PNG grid path (none: no grid)")
-    r.add_argument("--metrics-json", default=None, help="write the report as JSON here")
-    r.add_argument("--num-images", type=_positive("--num-images"), default=64, help="held-out images to score")
-    r.add_argument("--grid-images", type=_positive("--grid-images"), default=8, help="images per row of the grid")
-    r.add_argument("--batch-size", type=_positive("--batch-size"), default=32, help="images decoded at once")
-    r.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
-                   help="decoder classifier-free guidance (default: the config's model.diffusion.guidance)")
-    r.add_argument("--steps", default=None,
-                   help="decoder steps: 250 or ddim25 (ddpm), euler4 (flow) (default: the config's)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the decoding noise")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
-    _add_precision_arg(r)
-    r.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
-    r.set_defaults(fn=cmd_reconstruct)
-
-    c = sub.add_parser("convert", help="convert an official Semanticist checkpoint to ours (a .safetensors file)",
-                       formatter_class=fmt)
-    c.add_argument("src", help="official checkpoint (.pt / .pth / .safetensors)")
-    c.add_argument("out", help="where to write ours (.safetensors)")
-    c.add_argument("--kind", choices=["auto", "tokenizer", "gpt"], default="auto", help="what src holds")
-    c.add_argument("overrides", nargs="*", help="config overrides for the converted model, e.g. model.codec.path=...")
-    c.set_defaults(fn=cmd_convert)
-
-    s = sub.add_parser("sample", help="class-conditional samples from an AR checkpoint or an exported directory",
-                       formatter_class=fmt)
-    s.add_argument("ckpt", nargs="?", default=None, help="AR checkpoint (folder or file) or run directory")
-    s.add_argument("--compiled", default=None, metavar="DIR",
-                   help="sample with the AOTInductor packages of `semanticist-fast export` instead of a checkpoint")
-    s.add_argument("--classes", default="0,1", help="comma-separated class indices, one grid row each")
-    s.add_argument("--per-class", type=_positive("--per-class"), default=4, help="samples per class")
-    _add_sampling_args(s)
-    s.add_argument("--seed", type=int, default=0, help="sampling seed")
-    s.add_argument("--batch-size", type=_positive("--batch-size"), default=64,
-                   help="samples drawn at once (--compiled: at most the export's)")
-    s.add_argument("--out", default="samples.png", help="PNG grid; the images and labels also go to OUT.npz")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
-    _add_precision_arg(s)
-    s.set_defaults(fn=cmd_sample)
-
-    e = sub.add_parser("eval", help="rFID / PSNR / SSIM of a tokenizer, gFID / IS of an AR model (torch-fidelity; "
-                                    "seeded, resumable, split across ranks under torchrun)", formatter_class=fmt)
-    kinds = e.add_subparsers(dest="eval_kind", required=True, help="recon (a tokenizer) or gen (an AR model)")
-    er = kinds.add_parser("recon", help="rFID, PSNR and SSIM of reconstructions of the run's held-out images",
-                          formatter_class=fmt)
-    _add_eval_args(er)
-    er.add_argument("--tokens", default=None, help="token counts to score, e.g. 1,2,4,all (eval.tokens; default all)")
-    er.add_argument("--num-images", type=int, default=None, help="held-out images to use (eval.num_images; 0: all)")
-    er.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
-                    help="decoder guidance (default: the config's model.diffusion.guidance)")
-    er.add_argument("--steps", default=None, help="decoder steps (default: the config's model.diffusion.sample_steps)")
-    er.add_argument("--codec-path", default=None, help="KL-16 VAE directory, if it moved since training")
-    er.set_defaults(fn=cmd_eval_recon)
-    eg = kinds.add_parser("gen", help="gFID and IS of class-balanced samples from an AR checkpoint",
-                          formatter_class=fmt)
-    _add_eval_args(eg)
-    eg.add_argument("--per-class", type=_positive("--per-class"), default=None, help="samples per class (eval.per_class; default 50)")
-    eg.add_argument("--reference-images", type=int, default=None,
-                    help="without --reference: training images for the statistics (0: as many as samples)")
-    _add_sampling_args(eg)
-    eg.set_defaults(fn=cmd_eval_gen)
-
-    x = sub.add_parser("export", help="AOTInductor packages of the sampler's steps, for `sample --compiled`",
-                       formatter_class=fmt)
-    x.add_argument("ckpt", help="AR checkpoint (folder or file) or run directory")
-    x.add_argument("--out", required=True, help="directory for the packages and manifest.json")
-    x.add_argument("--batch", type=_positive("--batch"), default=8, help="the largest batch the packages take")
-    x.add_argument("--static-batch", action="store_true",
-                   help="compile for exactly --batch images, not a dynamic batch of 1..--batch")
-    x.add_argument("--no-compile", action="store_true",
-                   help="write the traced programs uncompiled (torch.export.save): no C++ compiler needed, eager speed")
-    _add_sampling_args(x)
-    x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
-    _add_precision_arg(x)
-    x.set_defaults(fn=cmd_export)
-
-    d = sub.add_parser("demo", help="the browser demos: reconstructions from the first k tokens, class-conditional "
-                                    "samples (Gradio: pip install -e .[demo])", formatter_class=fmt)
-    d.add_argument("--tokenizer", default=None,
-                   help="tokenizer run directory, checkpoint or weights file (default: the one --ar was trained on)")
-    d.add_argument("--ar", default=None, help="AR run directory or checkpoint: turns on the generation tab")
-    d.add_argument("--compiled", default=None, metavar="DIR",
-                   help="an exported directory (semanticist-fast export): the generation tab samples with it")
-    d.add_argument("--host", default="127.0.0.1",
-                   help="address to serve on; 0.0.0.0 opens the demo to the network")
-    d.add_argument("--port", type=_positive("--port"), default=7860, help="port to serve on")
-    d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the GPU when there is one)")
-    _add_precision_arg(d)
-    d.add_argument("--threads", type=_positive("--threads"), default=1,
-                   help="CPU threads for the model calls: the tiny models answer fastest on one; raise it for "
-                        "large models on a CPU")
-    d.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
-                   help="raise or lower a bound on one request's work, e.g. flow_steps=1000 or request_seconds=600 "
-                        "(repeatable; the keys and defaults: README, Browser demo)")
-    d.set_defaults(fn=cmd_demo)
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
     return p
 
 

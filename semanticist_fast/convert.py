@@ -1,8 +1,10 @@
 """Official Semanticist checkpoints -> our checkpoint format (`semanticist-fast convert`).
 
 Tokenizer (DiT-L-2, DiT-XL-2) and epsilon-LlamaGen GPT checkpoints. Our parameter names are the official ones, so
-conversion strips wrapper prefixes, infers the architecture from tensor shapes (head counts from the named sizes,
-which shapes cannot show, or `model.heads=N`), and checks the key set strictly against a model built from that
+conversion strips wrapper prefixes, infers the architecture from tensor shapes (head counts, which shapes cannot
+show, from the named sizes, or from overrides for other widths: `model.heads=N` for a GPT, `model.encoder.heads=N
+model.decoder.heads=N` for a tokenizer, and `model.decoder.repa_block=N` for a DiT shallower than the published
+REPA block), and checks the key set strictly against a model built from that
 config: any key we do not expect, or expect and do not find, is an error. The converted checkpoint carries the
 `model` section of a run config, which is all that inference reads, in a .safetensors file (common/runs.py).
 """
@@ -53,8 +55,12 @@ def _checkpoint(kind: str, config, state: dict) -> dict:
 
 # -- tokenizer -----------------------------------------------------------------------------------------------------
 
+OFFICIAL_REPA_BLOCK = 8  # the DiT block every published tokenizer's REPA projector reads
+
+
 def infer_tokenizer_config(state: dict) -> dict:
-    """The `model` section of a tokenizer run config, from the tensors' shapes."""
+    """The `model` section of a tokenizer run config, from the tensors' shapes. What shapes cannot show (the head
+    counts, the block REPA reads) is None unless a named size or the published models settle it: overrides give it."""
     what = "a Semanticist tokenizer"
     enc_dim = _shape(state, "encoder.cls_token", what)[-1]
     patch = _shape(state, "encoder.patch_embed.proj.weight", what)[-1]
@@ -70,19 +76,21 @@ def infer_tokenizer_config(state: dict) -> dict:
     latent_size = int(round(dit_tokens ** 0.5)) * dit_patch
     enc_name = size_named(ENCODER_SIZES, lambda row: row[0] == enc_dim)
     dit_name = size_named(DIT_SIZES, lambda row: row[0] == dit_depth and row[1] == hidden)
-    if enc_name is None or dit_name is None:
-        raise ValueError(f"the checkpoint's encoder width {enc_dim} or DiT depth {dit_depth} / hidden {hidden} matches "
-                         "no named size; heads cannot be inferred")
     learn_sigma = out_dim == dit_patch * dit_patch * latent_ch * 2
     has_repa = "dit.projector.0.weight" in state
-    decoder = {"size": dit_name, "patch_size": int(dit_patch), "learn_sigma": learn_sigma,
-               "repa_block": 8 if has_repa else 0}
+    if dit_name is None:  # its heads come from an override
+        decoder = {"size": "custom", "depth": dit_depth, "hidden": int(hidden), "heads": None}
+    else:
+        decoder = {"size": dit_name}
+    decoder.update(patch_size=int(dit_patch), learn_sigma=learn_sigma,
+                   repa_block=(OFFICIAL_REPA_BLOCK if dit_depth >= OFFICIAL_REPA_BLOCK else None) if has_repa else 0)
     if has_repa:
         decoder["repa_proj_dim"] = int(state["dit.projector.0.weight"].shape[0])
         decoder["repa_target_dim"] = int(state["dit.projector.4.weight"].shape[0])
     return {
         "image_size": int(image_size),
-        "encoder": {"size": "custom", "dim": int(enc_dim), "depth": enc_depth, "heads": ENCODER_SIZES[enc_name][2],
+        "encoder": {"size": "custom", "dim": int(enc_dim), "depth": enc_depth,
+                    "heads": None if enc_name is None else ENCODER_SIZES[enc_name][2],
                     "patch_size": int(patch), "num_slots": int(num_slots), "slot_dim": int(slot_dim)},
         "decoder": decoder,
         "codec": {"kind": "kl16" if latent_size != image_size else "pixel", "latent_channels": int(latent_ch),
@@ -90,17 +98,44 @@ def infer_tokenizer_config(state: dict) -> dict:
     }
 
 
+def _require_unseen(model: dict, state: dict) -> None:
+    """A ConfigError naming every field that the shapes could not show and no override gave."""
+    enc, dec = model["encoder"], model["decoder"]
+    dit_depth = count_blocks(state, "dit.blocks.")
+    needs = []
+    if enc.get("heads") is None:
+        needs.append(f"model.encoder.heads=N (its width {enc['dim']} matches no named ViT size)")
+    if dec.get("size") == "custom" and dec.get("heads") is None:
+        needs.append(f"model.decoder.heads=N (its DiT of {dec['depth']} blocks of width {dec['hidden']} matches no "
+                     "named size)")
+    if dec.get("repa_block") is None:
+        needs.append(f"model.decoder.repa_block=N (the block, 1..{dit_depth}, whose output its REPA projector reads; "
+                     f"the published models read block {OFFICIAL_REPA_BLOCK}, which this DiT lacks)")
+    if needs:
+        raise ConfigError("head counts and the REPA block do not show in a checkpoint's shapes: pass "
+                          + "; ".join(needs))
+
+
 def convert_tokenizer(state: dict, overrides: Optional[list[str]] = None) -> dict:
+    """Strict: every missing, unexpected or mis-shaped key is reported by name. Head counts and REPA's block,
+    which shapes cannot show, come from the named sizes or from overrides (model.encoder.heads=N,
+    model.decoder.heads=N, model.decoder.repa_block=N)."""
     state = {k: v for k, v in state.items() if k not in IGNORED_TOKENIZER_KEYS}
     raw = apply_overrides({"model": infer_tokenizer_config(state)}, overrides or [], ConvertedTokenizer)
+    _require_unseen(raw["model"], state)
     if raw["model"]["codec"]["kind"] == "kl16" and not raw["model"]["codec"].get("path"):
         raw["model"]["codec"]["path"] = "PATH/TO/kl16-vae"  # a placeholder the user overrides at load time
         log.warning("no model.codec.path=... given: pass --codec-path when reconstructing with this checkpoint")
     config = from_dict(ConvertedTokenizer, raw)
+    depth, repa_block = count_blocks(state, "dit.blocks."), config.model.decoder.repa_block
+    if "dit.projector.0.weight" in state and not 0 < repa_block <= depth:
+        raise ConfigError(f"model.decoder.repa_block={repa_block}: the checkpoint has a REPA projector, so the block "
+                          f"it reads must be one of its DiT's 1..{depth}")
     with torch.device("meta"):
         model = SemanticistTokenizer(config.model)
     state = {k: v.float() for k, v in state.items()}
-    check_state_fits(model, state, what="official tokenizer checkpoint")
+    given = f" with {' '.join(overrides)}" if overrides else ""
+    check_state_fits(model, state, what=f"official tokenizer checkpoint{given}")
     return _checkpoint("tokenizer", config, state)
 
 

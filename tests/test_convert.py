@@ -23,7 +23,7 @@ from semanticist_fast.models.vit import EncoderConfig
 from semanticist_fast.inference import Tokenizer
 from semanticist_fast.tasks.tokenizer import TokenizerRun
 
-from helpers import LAYOUTS, parse_layout
+from helpers import LAYOUTS, parse_layout, randomized
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED_KEYS = ["encoder.cls_token", "encoder.slot_embed", "encoder2slot.weight", "dit.null_cond",
@@ -278,3 +278,79 @@ def test_cli_converts_a_gpt_checkpoint_of_custom_size(tmp_path):
     r = subprocess.run([sys.executable, "-m", "semanticist_fast", "convert", str(tmp_path / "official.pth"),
                         str(tmp_path / "x.safetensors"), "--kind", "gpt"], capture_output=True, text=True)
     assert r.returncode == 2 and "head" in r.stderr  # a custom size needs its head count
+
+
+# ---- a custom-width official-layout checkpoint: what shapes cannot show comes from overrides ----
+
+CUSTOM_WIDTH = ["model.encoder.heads=3", "model.decoder.heads=4", "model.decoder.repa_block=1"]
+
+
+@pytest.fixture(scope="module")
+def custom_width(tmp_path_factory):
+    """Widths no named size has: a 2-block encoder of width 48 (3 heads) and a 2-block DiT of width 64 (4 heads)
+    whose REPA projector reads block 1 (the published block 8 does not exist here)."""
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(
+        image_size=32,
+        encoder=EncoderConfig(size="custom", dim=48, depth=2, heads=3, patch_size=8, num_slots=4),
+        decoder=DecoderConfig(size="custom", depth=2, hidden=64, heads=4, patch_size=4, repa_block=1,
+                              repa_proj_dim=32, repa_target_dim=16),
+        codec=CodecConfig(kind="pixel"),
+    )
+    model = randomized(SemanticistTokenizer(cfg))  # attention far from uniform: a wrong head count would show
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    state["module.nested_sampler.arange"] = torch.arange(4)
+    src = tmp_path_factory.mktemp("official") / "custom.pth"
+    torch.save({"model": state}, src)
+    return model.eval(), src
+
+
+def test_custom_width_tokenizer_converts_with_overrides_and_decodes_as_the_original(custom_width, tmp_path):
+    model, src = custom_width
+    dst = tmp_path / "custom.safetensors"
+    result = _cli("convert", str(src), str(dst), *CUSTOM_WIDTH)
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer.from_checkpoint(dst, device="cpu")
+    assert tok.config.encoder.resolved() == (48, 2, 3, 8) and tok.config.decoder.resolved() == (2, 64, 4)
+    assert tok.config.decoder.repa_block == 1
+    assert tok.model.encoder.blocks[0].attn.num_heads == 3 and tok.model.dit.blocks[0].attn.num_heads == 4
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = tok.encode(images)
+    with torch.no_grad():
+        torch.testing.assert_close(tokens, model.encode(images), rtol=0, atol=0)
+    reference = Tokenizer(model, PixelCodec(), "cpu")
+    for k in (1, 4):
+        decoded = [t.decode(tokens, num_tokens=k, steps="ddim2", generator=torch.Generator().manual_seed(2))
+                   for t in (tok, reference)]
+        torch.testing.assert_close(decoded[0], decoded[1], rtol=0, atol=0)
+
+
+def test_custom_width_tokenizer_needs_its_overrides_and_refuses_wrong_ones(custom_width):
+    model, src = custom_width
+    state = strip_prefixes(read_weights(src))
+    with pytest.raises(ValueError, match="named size") as refused:
+        convert_tokenizer(state)  # heads cannot be inferred: every missing key is named, with its fix
+    for key in ("model.encoder.heads=N", "model.decoder.heads=N", "model.decoder.repa_block=N"):
+        assert key in str(refused.value)
+    with pytest.raises(ValueError, match="model.decoder.heads=N") as refused:
+        convert_tokenizer(state, ["model.encoder.heads=3", "model.decoder.repa_block=1"])
+    assert "encoder.heads" not in str(refused.value)
+    with pytest.raises(ValueError, match="encoder heads 5"):
+        convert_tokenizer(state, ["model.encoder.heads=5", *CUSTOM_WIDTH[1:]])  # 48 is not divisible by 5
+    with pytest.raises(ValueError, match="decoder heads 3"):
+        convert_tokenizer(state, [CUSTOM_WIDTH[0], "model.decoder.heads=3", CUSTOM_WIDTH[2]])
+    with pytest.raises(ValueError, match=r"model\.decoder\.repa_block=3"):
+        convert_tokenizer(state, [*CUSTOM_WIDTH[:2], "model.decoder.repa_block=3"])  # the DiT has 2 blocks
+    with pytest.raises(ValueError, match=r"model\.decoder\.headz"):
+        convert_tokenizer(state, [*CUSTOM_WIDTH, "model.decoder.headz=4"])
+    with pytest.raises(ValueError, match=re.escape("encoder.blocks.2.attn.qkv.weight")):
+        convert_tokenizer(state, [*CUSTOM_WIDTH, "model.encoder.depth=3"])  # still strict about every key
+    with pytest.raises(ValueError, match=re.escape("encoder.patch_embed.proj.weight")):
+        convert_tokenizer(state, [*CUSTOM_WIDTH, "model.encoder.dim=96", "model.encoder.heads=4"])  # and shape
+    # A head count that divides the width gives the same shapes: only the outputs can tell it is wrong.
+    wrong = convert_tokenizer(state, ["model.encoder.heads=6", *CUSTOM_WIDTH[1:]])
+    other = SemanticistTokenizer(from_dict(TokenizerRun, wrong["config"]).model)
+    other.load_state_dict(wrong["weights"], strict=True)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (other.eval().encode(images) - model.encode(images)).abs().max() > 1e-3  # the right count: 0

@@ -36,6 +36,7 @@ from semanticist_fast.config import load_config
 from semanticist_fast.data.build import load_images
 from semanticist_fast.data.procedural import class_name
 from semanticist_fast.eval.metrics import psnr, ssim
+from semanticist_fast.eval.reconstruction import as_scored, chunk_generator
 from semanticist_fast.export.build import export_sampler
 from semanticist_fast.inference import Tokenizer, load_generator, sample_images
 from semanticist_fast.inference.generation import with_overrides
@@ -121,21 +122,22 @@ def test_later_tokens_add_detail(models):
 def test_gallery_scores_are_those_of_eval_metrics(models, upload):
     result = handlers.reconstruct_gallery(models, str(upload), ["all", 2, "1", 2], seed=5)
     assert result.counts == [1, 2, 4]  # sorted, without repeats, "all" is K
-    x = load_images([str(upload)], 16)
+    x = as_scored(load_images([str(upload)], 16))  # the image as an 8-bit file holds it
     tok = models.tokenizer
     tokens = tok.encode(x)
     for k, p, s, caption, shown in zip(result.counts, result.psnr, result.ssim, result.captions, result.images):
-        # batch_size 1: the decode noise of image 0 is seeded with the request's seed, the same for every k.
-        rec = tok.decode(tokens, num_tokens=k, generator=torch.Generator().manual_seed(5))
-        assert p == pytest.approx(psnr(rec, x).item(), abs=1e-4)
-        assert s == pytest.approx(ssim(rec, x).item(), abs=1e-5)
+        # The pipeline of `reconstruct` and `eval recon`: one image is chunk 0 of the request's seed, the same noise
+        # for every k, scored on the 8-bit images.
+        rec = tok.decode(tokens, num_tokens=k, generator=chunk_generator("cpu", 5, 0))
+        assert p == pytest.approx(psnr(as_scored(rec), x).item(), abs=1e-4)
+        assert s == pytest.approx(ssim(as_scored(rec), x).item(), abs=1e-5)
         assert caption == f"{k} token{'s' * (k > 1)} · PSNR {p:.2f} dB · SSIM {s:.3f}"
         # Shown enlarged 10x (nearest neighbour), the pixels those of the reconstruction rounded to 8 bits.
         assert shown.size == (160, 160)
         small = np.asarray(shown)[::10, ::10]
         assert np.array_equal(small, (rec[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
     flat = x.mean((2, 3), keepdim=True).expand_as(x)
-    assert result.flat_psnr == pytest.approx(psnr(flat, x).item(), abs=1e-4)
+    assert result.flat_psnr == pytest.approx(psnr(as_scored(flat), x).item(), abs=1e-4)
     assert result.plot.size[0] > 200 and result.plot.size[1] > 100
     # Another seed draws other noise; the single-k image is the gallery's for that k.
     image, caption = handlers.first_k_image(models, str(upload), 2, seed=5)
@@ -149,10 +151,9 @@ def test_built_in_images_and_their_names(models):
     assert models.held_out_captions[0].startswith("held-out #0: ")
     assert handlers.class_choices(models)[:2] == ["0: red discs", "1: orange squares"]
     result = handlers.reconstruct_gallery(models, 3, [1])
-    x = models.held_out[3:4]
-    rec = models.tokenizer.decode(models.tokenizer.encode(x), num_tokens=1,
-                                  generator=torch.Generator().manual_seed(0))
-    assert result.psnr[0] == pytest.approx(psnr(rec, x).item(), abs=1e-4)
+    x = as_scored(models.held_out[3:4])  # scored as an 8-bit file holds it, decoded from chunk 0 of seed 0
+    rec = models.tokenizer.decode(models.tokenizer.encode(x), num_tokens=1, generator=chunk_generator("cpu", 0, 0))
+    assert result.psnr[0] == pytest.approx(psnr(as_scored(rec), x).item(), abs=1e-4)
 
 
 def test_bad_input_gets_a_message(models, tmp_path, monkeypatch):

@@ -216,6 +216,32 @@ def test_eval_recon_end_to_end(micro_runs, inception_file, tmp_path):
     assert refused.returncode == 1 and "tokens" in refused.stderr and "[1, 2]" in refused.stderr
 
 
+def test_reconstruct_and_eval_recon_report_the_same_figures(micro_runs, inception_file, tmp_path):
+    """The two commands on the same held-out images with the same seed, in the same chunks (--batch-size = shard
+    size): one pipeline, so the same PSNR and SSIM for every k and for the flat baseline."""
+    tokenizer, _ = micro_runs
+    same = ["--tokens", "1,2,all", "--num-images", "7", "--seed", "5"]  # 7 images in chunks of 3: a short last one
+    cli("eval", "recon", str(tokenizer), "--inception-path", str(inception_file), "--out", str(tmp_path / "eval"),
+        "--shard-size", "3", "eval.fid_features=64", "--no-progress", *same)
+    cli("reconstruct", str(tokenizer), "--batch-size", "3", "--metrics-json", str(tmp_path / "report.json"), *same)
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    reconstructed = json.loads((tmp_path / "report.json").read_text())
+    assert evaluated["images"] == reconstructed["images"] == 7
+    for name in ("psnr", "ssim"):
+        assert evaluated["flat"][name] == reconstructed["flat"][name]
+    pairs = list(zip(evaluated["per_tokens"], reconstructed["per_tokens"], strict=True))
+    assert [e["tokens"] for e, _ in pairs] == [1, 2, 4]
+    for e, r in pairs:
+        assert (e["tokens"], e["psnr"], e["ssim"], e["psnr_over_flat"]) == \
+            (r["tokens"], r["psnr"], r["ssim"], r["psnr_over_flat"])
+    assert pairs[0][0]["psnr"] != pairs[-1][0]["psnr"]  # the rows differ: the figures are not all one value
+    # Another seed draws other decoder noise, and both commands see it.
+    cli("reconstruct", str(tokenizer), "--batch-size", "3", "--metrics-json", str(tmp_path / "seed6.json"),
+        *same[:-1], "6")
+    other = json.loads((tmp_path / "seed6.json").read_text())
+    assert other["per_tokens"][0]["psnr"] != reconstructed["per_tokens"][0]["psnr"]
+
+
 GEN_ARGS = ["--per-class", "2", "--shard-size", "4", "--reference-images", "12", "eval.fid_features=64",
             "--no-progress"]
 

@@ -2,10 +2,11 @@
 images, from the first k tokens for each k asked (the published protocol: the 50,000 ImageNet val centre crops,
 all tokens, the decoder guidance and steps of the config).
 
-Everything is scored on the 8-bit images that are written out (the ADM evaluator's inputs): the originals and the
-reconstructions are rounded to uint8 first. rFID is against the originals' own Inception statistics unless
-eval.reference names an ADM-style .npz. Shard s decodes with noise seeded by (seed, s), the same for every k, so
-the rows of a k-sweep differ only in the tokens they were given.
+Shard s is chunk s of reconstruction.reconstruct_chunk, the pipeline `reconstruct` shares: everything is scored on
+the 8-bit images that are written out (the ADM evaluator's inputs), and shard s decodes with noise seeded by
+(seed, s), the same for every k, so the rows of a k-sweep differ only in the tokens they were given; `reconstruct
+--batch-size` = eval.shard_size with the same seed reports the same PSNR and SSIM. rFID is against the originals'
+own Inception statistics unless eval.reference names an ADM-style .npz.
 """
 import json
 import logging
@@ -20,24 +21,17 @@ from ..common.device import effective_precision, resolve_device
 from ..common.distributed import close, ranks_from_env
 from ..common.files import atomic_write_text, sha256_file
 from ..common.runs import resolve_checkpoint, saved_config, weights_file
-from ..common.seeds import derive_seed
 from ..inference.tokenizer import Tokenizer
 from .config import EvalConfig
 from .grid import from_nhwc, save_adm_npz, save_grid, to_uint8
 from .inception import fid_statistics, frechet_distance, inception_features, load_inception
-from .metrics import flat_images, psnr, ssim
-from .reconstruction import held_out_set, parse_token_counts
+from .reconstruction import held_out_set, parse_token_counts, reconstruct_chunk, summarize
 from .reference import load_reference
 from .sharded import default_out_dir, load_arrays, run_shards, shard_chunks
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-_RECON_STREAM = 11  # the seed stream of the decoder noise
-
-
-def _as_scored(images: torch.Tensor) -> torch.Tensor:
-    """Float images as the 8-bit files hold them."""
-    return to_uint8(images).float() / 255
+SCORES = ("psnr", "ssim")  # per image, beside the Inception features
 
 
 @torch.no_grad()
@@ -67,25 +61,20 @@ def evaluate_reconstruction(checkpoint, cfg: EvalConfig, out_dir: Optional[Path]
                 "shard_size": cfg.shard_size}
     if effective_precision(device, precision) != "fp32":  # fp32 runs keep the identity of runs before the setting
         identity["precision"] = effective_precision(device, precision)
-    per_k = [f"{what}_k{k}" for k in counts for what in ("images", "pool", "psnr", "ssim")]
-    names = ("labels", "real_pool", "flat_psnr", "flat_ssim", *per_k)
+    scores = [f"flat_{m}" for m in SCORES] + [f"{m}_k{k}" for k in counts for m in SCORES]
+    names = ("labels", "real_pool", *scores, *[f"{what}_k{k}" for k in counts for what in ("images", "pool")])
 
     def make_shard(shard: int, items: range) -> dict:
         pairs = [dataset[i] for i in items]
-        originals = _as_scored(torch.stack([image for image, _ in pairs]))
-        tokens = tok.encode(originals)
-        flat = _as_scored(flat_images(originals))
+        images = torch.stack([image for image, _ in pairs])
+        reconstructions, scored = reconstruct_chunk(tok, images, counts, cfg.seed, shard, guidance, steps)
         arrays = {"labels": np.array([label for _, label in pairs], dtype=np.int64),
-                  "real_pool": inception_features(net, to_uint8(originals), cfg.inception_batch)["pool"],
-                  "flat_psnr": psnr(flat, originals).numpy(), "flat_ssim": ssim(flat, originals).numpy()}
+                  "real_pool": inception_features(net, to_uint8(images), cfg.inception_batch)["pool"],
+                  **{name: scored[name] for name in scores}}
         for k in counts:
-            generator = torch.Generator(tok.device).manual_seed(derive_seed(cfg.seed, _RECON_STREAM, shard))
-            rec = to_uint8(tok.decode(tokens, num_tokens=k, guidance=guidance, steps=steps, generator=generator))
-            scored = rec.float() / 255
+            rec = to_uint8(reconstructions[k])
             arrays[f"images_k{k}"] = rec.permute(0, 2, 3, 1).numpy()
             arrays[f"pool_k{k}"] = inception_features(net, rec, cfg.inception_batch)["pool"]
-            arrays[f"psnr_k{k}"] = psnr(scored, originals).numpy()
-            arrays[f"ssim_k{k}"] = ssim(scored, originals).numpy()
         return arrays
 
     shards = out / "shards"
@@ -99,13 +88,9 @@ def evaluate_reconstruction(checkpoint, cfg: EvalConfig, out_dir: Optional[Path]
         reference, against = load_reference(cfg.reference, net, cfg.inception_batch), cfg.reference
     else:
         reference, against = fid_statistics(small["real_pool"]), f"the {n} original images"
-    flat = {"psnr": float(small["flat_psnr"].mean()), "ssim": float(small["flat_ssim"].mean())}
-    rows = []
-    for k in counts:
-        mean_psnr = float(small[f"psnr_k{k}"].mean())
-        rows.append({"tokens": k, "rfid": frechet_distance(fid_statistics(small[f"pool_k{k}"]), reference),
-                     "psnr": mean_psnr, "ssim": float(small[f"ssim_k{k}"].mean()),
-                     "psnr_over_flat": mean_psnr - flat["psnr"]})
+    flat, rows = summarize(small, counts, SCORES)
+    for row in rows:
+        row["rfid"] = frechet_distance(fid_statistics(small[f"pool_k{row['tokens']}"]), reference)
     files = {}
     if cfg.write_npz:
         for k in counts:
