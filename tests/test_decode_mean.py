@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import micro_tokenizer_run, randomized
-from semanticist_fast.eval.reconstruction import reconstruction_report
+from semanticist_fast.eval.reconstruction import as_scored, chunk_generator, reconstruction_report
 from semanticist_fast.inference import Tokenizer
 from semanticist_fast.models.latent_codec import PixelCodec
 from semanticist_fast.models.tokenizer import SemanticistTokenizer
@@ -39,7 +39,9 @@ def test_report_decodes_the_mean_and_says_so(tok):
     images = torch.rand(4, 3, tok.image_size, tok.image_size, generator=torch.Generator().manual_seed(2))
     report, recs = reconstruction_report(tok, images, [1, tok.num_slots], seed=3, samples=2)
     assert report["samples"] == 2
-    expected = tok.decode(tok.encode(images), num_tokens=1, generator=torch.Generator().manual_seed(3), samples=2)
+    # the one scoring pipeline: 8-bit originals in, chunk 0's decoder noise of seed 3 (eval/reconstruction.py)
+    expected = tok.decode(tok.encode(as_scored(images)), num_tokens=1, generator=chunk_generator(tok.device, 3, 0),
+                          samples=2)
     torch.testing.assert_close(recs[1], expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="samples must be >= 1"):
         tok.decode(tok.encode(images), samples=0)
