@@ -38,11 +38,6 @@ def cmd_train(args) -> int:
     run = load_config(spec.run_config, args.config, args.overrides)
     metrics = train(run, Path(args.out), resume=args.resume, deepspeed_config=load_deepspeed_config(args.deepspeed_config))
     log.info("done: %s", json.dumps(metrics))
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        # Join the backend's threads now rather than at interpreter exit, where a still-joinable one aborts the
-        # process after the run finished ("terminate called without an active exception", seen once in CI).
-        dist.destroy_process_group()
     return 0
 
 
