@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import yaml
 
-from ..common.distributed import close
 from ..common.lock import RunLock
 from ..common.runs import CheckpointError, list_checkpoints, read_meta
 from ..common.seeds import derive_seed
@@ -110,21 +109,18 @@ def train(run, out_dir: Path, resume: bool = False, stop_at_step: Optional[int] 
         raise ConfigError("--deepspeed-config is given but train.engine is 'single': set train.engine=deepspeed")
     set_fast_paths(run.runtime.fast_kernels)
     world = init_world(run.train.engine, run.train.device, run.train.collective_timeout_s)
+    run.train.batch_plan(world.size)  # a batch that does not split over these ranks fails before anything starts
+    check_run_dir(run, out_dir, resume)
+    torch.manual_seed(run.train.seed)  # every rank builds the same initial model
+    task, make_train_set = spec.build(run, out_dir, world.device)
+    torch.manual_seed(derive_seed(run.train.seed, _DROPOUT_STREAM, world.rank))
+    lock = RunLock(out_dir).acquire() if world.is_main else None
     try:
-        run.train.batch_plan(world.size)  # a batch that does not split over these ranks fails before anything starts
-        check_run_dir(run, out_dir, resume)
-        torch.manual_seed(run.train.seed)  # every rank builds the same initial model
-        task, make_train_set = spec.build(run, out_dir, world.device)
-        torch.manual_seed(derive_seed(run.train.seed, _DROPOUT_STREAM, world.rank))
-        lock = RunLock(out_dir).acquire() if world.is_main else None
-        try:
-            world.barrier("run directory lock")
-            if world.is_main:
-                save_config(run, out_dir / "config.yaml")
-            train_set = make_train_set(world)
-            return fit_task(task, train_set, run, out_dir, world, resume, stop_at_step, deepspeed_config)
-        finally:
-            if lock is not None:
-                lock.release()
+        world.barrier("run directory lock")
+        if world.is_main:
+            save_config(run, out_dir / "config.yaml")
+        train_set = make_train_set(world)
+        return fit_task(task, train_set, run, out_dir, world, resume, stop_at_step, deepspeed_config)
     finally:
-        close()
+        if lock is not None:
+            lock.release()

@@ -135,23 +135,14 @@ def build_latent_cache_for_run(run: TokenizerRun, out: Path, views: str = "ten_c
                                stop_after_shards: Optional[int] = None) -> tuple[Path, bool]:
     """`semanticist-fast cache`: this process's share (under a launcher, rank r of R builds shards r, r + R, ...)
     of the latent cache of run.data's training images. Returns (the directory, whether the cache is complete)."""
-    from ..common.distributed import close, ranks_from_env
+    from ..data.latent_cache import NAMES, build_latent_cache
+    from ..data.shards import CacheError, open_shards
+    from ..common.distributed import ranks_from_env
     from ..engine.engines import init_world
 
     _needs_kl16(run, "the latent cache")
     world = init_world("deepspeed" if ranks_from_env().world_size > 1 else "single", run.train.device,
                        run.train.collective_timeout_s)
-    try:
-        return _build_latent_cache(run, world, out, views, shard_size, batch_size, progress, stop_after_shards)
-    finally:
-        close()
-
-
-def _build_latent_cache(run: TokenizerRun, world, out: Path, views: str, shard_size: int, batch_size: int,
-                        progress: bool, stop_after_shards: Optional[int]) -> tuple[Path, bool]:
-    from ..data.latent_cache import NAMES, build_latent_cache
-    from ..data.shards import CacheError, open_shards
-
     raw_set = build_dataset(run.data, run.model.image_size, "train", seed=run.train.seed, raw=True)
     identity = latent_identity(run, raw_set)
     codec = build_codec(run.model.codec).to(world.device)
