@@ -32,18 +32,18 @@ def _positive(name: str):
 
 
 def cmd_train(args) -> int:
+    from .common.distributed import close
     from .config import load_config
     from .tasks import load_deepspeed_config, spec_for_file, train
 
     spec = spec_for_file(args.config)
     run = load_config(spec.run_config, args.config, args.overrides)
-    metrics = train(run, Path(args.out), resume=args.resume, deepspeed_config=load_deepspeed_config(args.deepspeed_config))
+    try:
+        metrics = train(run, Path(args.out), resume=args.resume,
+                        deepspeed_config=load_deepspeed_config(args.deepspeed_config))
+    finally:
+        close()
     log.info("done: %s", json.dumps(metrics))
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        # Join the backend's threads now rather than at interpreter exit, where a still-joinable one aborts the
-        # process after the run finished ("terminate called without an active exception", seen once in CI).
-        dist.destroy_process_group()
     return 0
 
 
@@ -93,6 +93,7 @@ def add_plan_parser(sub) -> None:
 
 
 def cmd_cache(args) -> int:
+    from .common.distributed import close
     from .config import load_config
     from .tasks import spec_for_file
     from .tasks.tokenizer import build_latent_cache_for_run
@@ -102,8 +103,11 @@ def cmd_cache(args) -> int:
         raise UsageError(f"{args.config} is a {spec.kind} config: `cache` builds stage 1's latent cache from a "
                          "tokenizer config (the AR stage builds its token cache itself)")
     run = load_config(spec.run_config, args.config, args.overrides)
-    out, complete = build_latent_cache_for_run(run, Path(args.out), args.views, args.shard_size, args.batch_size,
-                                               progress=run.train.progress)
+    try:
+        out, complete = build_latent_cache_for_run(run, Path(args.out), args.views, args.shard_size,
+                                                   args.batch_size, progress=run.train.progress)
+    finally:
+        close()
     if complete:
         log.info("latent cache complete in %s; train with data.latents=%s", out, out)
     else:

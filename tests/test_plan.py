@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from semanticist_fast.common.noise import BatchNoise
 from semanticist_fast.common.seeds import NOISE_STREAM, derive_seed
 from semanticist_fast.config import load_config
-from semanticist_fast.engine.distributed import init_world
+from semanticist_fast.engine.engines import init_world
 from semanticist_fast.engine.ema import EMA
 from semanticist_fast.engine.optimizer import LocalOptimizerStep
 from semanticist_fast.engine.trainer import Trainer

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
+from ..common.distributed import World
 from ..common.files import DiskFullError, atomic_write, atomic_write_text, fsync_dir, sha256_file
 from ..common.runs import (FORMAT, META, WEIGHTS, CheckpointError, checkpoint_dir, checkpoints_folder, is_legacy,
                            list_checkpoints, rank_state_name, read_meta, verify_checkpoint, write_weights_file)
-from .distributed import World
 from .ema import EMA
 from .shard import MOMENTS, Shard, copy_overlaps
 

@@ -1,8 +1,9 @@
-"""The optimizer step: AdamW with the reference's parameter groups, behind the seam a distributed engine fills.
+"""The optimizer step: AdamW with the reference's parameter groups, the part of each engine (engine/engines.py)
+that turns micro-batch losses into an update.
 
-The trainer never touches an optimizer directly. It hands each micro-batch loss to `backward`, calls `step` once
-per optimizer step, and reaches the state it averages and checkpoints through `shard()` (engine/shard.py).
-`LocalOptimizerStep` does this for one process; `engine.zero.DeepSpeedOptimizerStep` for ZeRO over many.
+An engine hands each micro-batch loss to `backward`, calls `step` once per optimizer step, and reaches the state
+its EMA averages and checkpoints store through `shard()` (engine/shard.py). `LocalOptimizerStep` does this for one
+process; `engine.zero.DeepSpeedOptimizerStep` for ZeRO over many.
 
 A step whose gradient norm is not finite leaves the weights and the moments as they were (the fused AdamW's
 `found_inf`, decided on the device: no host sync); the trainer reports it and stops or goes on as configured.

@@ -1,7 +1,8 @@
 """The training loop, shared by the tokenizer and the AR model, on one process or many.
 
 A task supplies the trainable model and `loss(model, batch, step, epoch, rng) -> (loss, metrics)`; the trainer owns
-the engine (one process, or DeepSpeed ZeRO), the schedule, the EMA, precision, logging, previews and checkpoints.
+the schedule, precision, logging, previews and checkpoints, and drives an engine (engine/engines.py: one process, or
+DeepSpeed ZeRO), which runs the loss, steps the optimizer and keeps the EMA, without asking which engine it is.
 
 What it guarantees:
 - Metrics, the non-finite flag and the step it first rose stay on the device between logging intervals; one
@@ -15,14 +16,12 @@ What it guarantees:
   a line per logging interval, at most about one per tenth of the run.
 """
 import contextlib
-import copy
 import json
 import logging
 import math
 import signal
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -30,15 +29,14 @@ import torch
 
 from ..common import signals
 from ..common.device import autocast_for
+from ..common.distributed import World
 from ..common.noise import BatchNoise
 from ..common.runs import report_skipped
 from ..common.seeds import NOISE_STREAM, derive_seed
 from ..data.loader import epoch_loader, piece, steps_per_epoch
 from .checkpoint import choose_checkpoint, remove_orphans, restore_checkpoint, rng_state, save_checkpoint, set_aside
 from .config import OptimConfig, TrainConfig
-from .distributed import World
-from .ema import EMA
-from .optimizer import LocalOptimizerStep
+from .engines import build_engine
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -52,7 +50,7 @@ class Task(Protocol):
 
     def loss(self, model, batch, step: int, epoch: int, rng) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
-    def new_model(self) -> torch.nn.Module: ...  # a fresh model of the same config (previews under ZeRO)
+    def new_model(self) -> torch.nn.Module: ...  # a fresh model of the same config (for an engine's previews)
 
     def preview(self, model, step: int, path: Path) -> None: ...
 
@@ -86,27 +84,12 @@ class Trainer:
         self.base_lr = optim.lr if optim.lr is not None else optim.blr * train.batch_size / 256
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.state_order = list(self.model.state_dict())
-        self.ema_model = None
-        if train.engine == "deepspeed":
-            from .zero import DeepSpeedOptimizerStep
-            self.optimizer_step = DeepSpeedOptimizerStep(self.model, task.loss, train, optim, self.base_lr,
-                                                         world.size, self.device, deepspeed_config)
-            self.loss_fn = self.optimizer_step.loss
-            self.shard = self.optimizer_step.shard()
-            shadows = [f.master.detach().clone() for f in self.shard.fragments]
-        else:
-            self.optimizer_step = LocalOptimizerStep(self.model, self.base_lr, optim.betas, optim.weight_decay,
-                                                     optim.grad_clip, self.accum)
-            self.loss_fn = partial(task.loss, self.model)
-            self.shard = self.optimizer_step.shard()
-            # The averages live in a copy of the model, so previews run it as it is.
-            self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-            ema_params = dict(self.ema_model.named_parameters())
-            shadows = [ema_params[f.name] for f in self.shard.fragments]
-        self.ema = EMA(self.shard.fragments, train.ema_decay, shadows)
+        self.engine = build_engine(task, train, optim, self.base_lr, world, deepspeed_config)
+        self.shard, self.ema = self.engine.shard, self.engine.ema
         self.precision_bf16 = train.precision == "bf16"
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.last_checkpoint: Optional[Path] = None
+        self._previewed = 0  # the step of the last preview (or where this run started)
         self.skipped_files: Optional[int] = None
         self._stop_signal = 0
         self._reset_flags()
@@ -114,8 +97,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def _meta(self) -> dict:
         return {"kind": self.task.kind, "config": self.run_config, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "engine": self.cfg.engine,
-                "zero_stage": self.cfg.zero_stage if self.cfg.engine == "deepspeed" else None}
+                "step_in_epoch": self.step_in_epoch, **self.engine.checkpoint_meta()}
 
     def save(self) -> Optional[Path]:
         """Write a checkpoint of the current step, unless the model is not finite (then say so and write none)."""
@@ -181,6 +163,7 @@ class Trainer:
         self.world.barrier("start")
         if resume:
             self.resume()
+        self._previewed = self.step
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         main = self.world.is_main
         writer = self._tensorboard() if main else None
@@ -204,8 +187,8 @@ class Trainer:
                         rng = BatchNoise(derive_seed(self.cfg.seed, NOISE_STREAM, self.step), self.cfg.batch_size,
                                          rows, self.device)
                         with autocast_for(self.device, self.precision_bf16):
-                            loss, metrics = self.loss_fn(batch, self.step, self.epoch, rng)
-                        self.optimizer_step.backward(loss)
+                            loss, metrics = self.engine.loss(batch, self.step, self.epoch, rng)
+                        self.engine.backward(loss)
                         step_bad |= ~torch.isfinite(loss.detach())
                         for k, v in metrics.items():
                             sums[k] = sums.get(k, 0) + v.detach().float()
@@ -216,12 +199,11 @@ class Trainer:
                         micro = 0
                         lr = lr_at(self.step, self.base_lr, self.warmup_steps, self.total_steps,
                                    self.optim_cfg.schedule, self.optim_cfg.min_lr)
-                        grad_norm = self.optimizer_step.step(lr)
+                        grad_norm = self.engine.step(lr)  # the EMA moves with it
                         step_bad |= ~torch.isfinite(grad_norm)
                         self._note_bad_step(step_bad)
                         step_bad = torch.zeros((), dtype=torch.bool, device=self.device)
                         sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float() * self.accum
-                        self.ema.update()
                         self.step += 1
                         self.step_in_epoch += 1
                         epoch_done = self.step_in_epoch >= self.steps_per_epoch
@@ -237,12 +219,10 @@ class Trainer:
                             if stop["signal"]:
                                 path = self.save()
                                 raise StopRequested(stop["signal"], self.step, path)
+                        checkpoint = None
                         if self.step % self.cfg.ckpt_every == 0 or self.step == end:
-                            self.save()
-                            self._preview_at_checkpoint()
-                        elif self.ema_model is not None and self.cfg.preview_every and \
-                                self.step % self.cfg.preview_every == 0 and main:
-                            self._preview(self.ema_model)
+                            checkpoint = self.save()
+                        self._preview(checkpoint)
                         if self.step >= end or epoch_done:
                             break
             except RuntimeError as e:
@@ -344,30 +324,19 @@ class Trainer:
                     writer.add_scalar(f"train/{k}", v, self.step)
         progress.report(self.step, metrics, images_per_s)
 
-    def _preview(self, model) -> None:
-        if model is self.ema_model:  # the averages are the parameters; buffers (norm statistics) are the model's
-            with torch.no_grad():
-                for mine, theirs in zip(self.ema_model.buffers(), self.model.buffers()):
-                    mine.copy_(theirs)
-        preview = getattr(self.task, "preview", None)
-        if preview is not None:
-            preview(model, self.step, self.out_dir / "previews" / f"step-{self.step:08d}.png")
-
-    def _preview_at_checkpoint(self) -> None:
-        """Previews come from the EMA copy on one process; under ZeRO from the checkpoint just written (rank 0),
-        at the first checkpoint on or after each preview step."""
+    def _preview(self, checkpoint: Optional[Path]) -> None:
+        """A preview of the EMA weights (rank 0) at the first step on or after each multiple of preview_every at
+        which the engine can give them: every such step on one process, the next checkpoint under ZeRO.
+        `checkpoint`: the one written at this step, if any."""
         every = self.cfg.preview_every
-        if not every or not self.world.is_main or self.last_checkpoint is None:
+        preview = getattr(self.task, "preview", None)
+        if not every or preview is None or not self.world.is_main or self.step // every <= self._previewed // every:
             return
-        if self.ema_model is not None:
-            if self.step % every == 0:
-                self._preview(self.ema_model)
+        model = self.engine.ema_model(checkpoint)
+        if model is None:
             return
-        if self.step // every > (self.step - self.cfg.ckpt_every) // every:
-            from safetensors.torch import load_file
-            model = self.task.new_model().to(self.device)
-            model.load_state_dict(load_file(str(self.last_checkpoint / "ema.safetensors"), device=str(self.device)))
-            self._preview(model.eval())
+        self._previewed = self.step
+        preview(model, self.step, self.out_dir / "previews" / f"step-{self.step:08d}.png")
 
     def _tensorboard(self):
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,13 +10,22 @@ The optimizer is ours (torch AdamW, fused, with our parameter groups); our sched
 step. DeepSpeed reduces the gradients, clips them to optim.grad_clip, skips a step whose norm is not finite, and
 partitions the optimizer state (1), the gradients too (2), and the parameters too (3). The task runs through
 `engine(...)`, so ZeRO-3's hooks gather each module's parameters around its forward.
+
+`ZeroEngine` is the seam's DeepSpeed side (engine/engines.py): it starts the process group, and keeps the EMA of
+each rank's partition beside it, so previews read the EMA from the checkpoint just written.
 """
+import datetime
+import os
+import socket
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from ..common.distributed import World, world_from_env
 from .config import OptimConfig, TrainConfig
+from .ema import EMA
 from .optimizer import build_adamw
 from .shard import Fragment, Shard
 
@@ -106,12 +115,14 @@ class DeepSpeedOptimizerStep:
         return self.engine(*args)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        # Whether this is the last micro-batch of the step decides whether DeepSpeed reduces the gradients now;
+        # saying so here lets `step` be DeepSpeed's one step call (its own count would need a call per backward).
         self._micro += 1
-        if self._micro % self.accum:  # DeepSpeed counts micro-steps: every backward is followed by a step call
-            self.engine.step()
+        self.engine.set_gradient_accumulation_boundary(self._micro == self.accum)
+        self.engine.backward(loss)
 
     def step(self, lr: float) -> torch.Tensor:
+        self._micro = 0
         for group in self.zero_optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
@@ -131,6 +142,76 @@ class DeepSpeedOptimizerStep:
             self._shard = zero3_shard(self.model, self.zero_optimizer) if self.train.zero_stage == 3 \
                 else zero12_shard(self.model, self.zero_optimizer)
         return self._shard
+
+
+class ZeroEngine:
+    """DeepSpeed ZeRO over the launched ranks (engine/engines.py has the seam): the task's loss runs through
+    DeepSpeed's engine, the EMA of this rank's partition lives in clones of its fp32 slices."""
+
+    @staticmethod
+    def start_world(device_name: str, timeout_s: float) -> World:
+        """DeepSpeed's process group (NCCL on GPUs, gloo on CPUs), also for one rank, so that one code path serves
+        every size."""
+        world = world_from_env(device_name, timeout_s)
+        # DeepSpeed's rendezvous (env://) reads RANK / WORLD_SIZE / LOCAL_RANK, which srun does not set (it sets
+        # SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID): pass on the ranks found.
+        os.environ.setdefault("RANK", str(world.rank))
+        os.environ.setdefault("WORLD_SIZE", str(world.size))
+        os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+        if world.size == 1:  # started without a launcher: a one-rank group on this host
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ValueError(f"{world.size} ranks need a rendezvous address: set {' and '.join(missing)} (torchrun "
+                             "and the deepspeed launcher set them; under srun, launch/slurm.sbatch sets them from the "
+                             "node list)")
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            import deepspeed
+
+            from .deepspeed_ops import build_deepspeed_ops
+            build_deepspeed_ops(timeout_s)  # before DeepSpeed loads it: a stale JIT-build lock would hang it
+            # The deadline is in the process group: every collective, DeepSpeed's own included, inherits it.
+            deepspeed.init_distributed(dist_backend="nccl" if world.device.type == "cuda" else "gloo",
+                                       auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s))
+        world.distributed = True
+        return world
+
+    def __init__(self, task, train: TrainConfig, optim: OptimConfig, lr: float, world: World,
+                 deepspeed_config: Optional[dict] = None):
+        self.model, self.device, self.zero_stage = task.model, world.device, train.zero_stage
+        self._new_model = task.new_model
+        self.optimizer_step = DeepSpeedOptimizerStep(self.model, task.loss, train, optim, lr, world.size,
+                                                     world.device, deepspeed_config)
+        self.loss = self.optimizer_step.loss
+        self.backward = self.optimizer_step.backward
+        self.shard = self.optimizer_step.shard()
+        self.ema = EMA(self.shard.fragments, train.ema_decay, [f.master.detach().clone() for f in self.shard.fragments])
+
+    def step(self, lr: float) -> torch.Tensor:
+        grad_norm = self.optimizer_step.step(lr)
+        self.ema.update()
+        return grad_norm
+
+    def ema_model(self, checkpoint: Optional[Path]) -> Optional[nn.Module]:
+        """A fresh model with the EMA the checkpoint just written holds whole (no rank holds it whole otherwise)."""
+        if checkpoint is None:
+            return None
+        from safetensors.torch import load_file
+
+        model = self._new_model().to(self.device)
+        model.load_state_dict(load_file(str(checkpoint / "ema.safetensors"), device=str(self.device)))
+        return model.eval()
+
+    def checkpoint_meta(self) -> dict:
+        return {"engine": "deepspeed", "zero_stage": self.zero_stage}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def zero12_shard(model: nn.Module, zero_optimizer) -> Shard:

@@ -83,7 +83,7 @@ def evaluate_generation(checkpoint, cfg: EvalConfig, out_dir: Optional[Path] = N
 
     shards = out / "shards"
     is_main = run_shards(shards, identity, NAMES, make_shard, ranks, progress, what="samples")
-    close(ranks)
+    close()
     if not is_main:
         return None
 

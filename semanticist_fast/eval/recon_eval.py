@@ -79,7 +79,7 @@ def evaluate_reconstruction(checkpoint, cfg: EvalConfig, out_dir: Optional[Path]
 
     shards = out / "shards"
     is_main = run_shards(shards, identity, names, make_shard, ranks, progress, what="reconstructions")
-    close(ranks)
+    close()
     if not is_main:
         return None
 

@@ -14,10 +14,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..common.distributed import Ranks, barrier
+from ..common.distributed import Ranks, World
 from ..data.shards import ShardWriter, open_shards
 
 log = logging.getLogger(__name__)
+
+# The ranks meet once, after making their shards: a slow rank may keep the others waiting for hours.
+_MEETING_DEADLINE_S = 24 * 3600
 
 MakeShard = Callable[[int, range], dict]  # (shard, item indices) -> {name: array with one row per item}
 
@@ -52,7 +55,7 @@ def run_shards(directory: Path, identity: dict, names: tuple[str, ...], make_sha
         seconds = time.perf_counter() - start
         log.info("rank %d: %d %s in %d shards, %.1f s (%.2f/s)", ranks.rank, total, what, len(mine), seconds,
                  total / seconds)
-    barrier(ranks)
+    World.of(ranks, _MEETING_DEADLINE_S).barrier(f"waiting for every rank's {what}")
     if not ranks.is_main:
         return False
     missing = writer.missing()

@@ -16,7 +16,7 @@ from ..common.lock import RunLock
 from ..common.runs import CheckpointError, list_checkpoints, read_meta
 from ..common.seeds import derive_seed
 from ..config import ConfigError, migrate_saved, save_config, to_dict
-from ..engine.distributed import init_world
+from ..engine.engines import init_world
 from ..engine.trainer import fit_task
 from ..kernels.dispatch import set_fast_paths
 from . import autoregressive, tokenizer

@@ -118,7 +118,7 @@ def build_latent_cache_for_run(run: TokenizerRun, out: Path, views: str = "ten_c
     from ..data.latent_cache import NAMES, build_latent_cache
     from ..data.shards import CacheError, open_shards
     from ..common.distributed import ranks_from_env
-    from ..engine.distributed import init_world
+    from ..engine.engines import init_world
 
     _needs_kl16(run, "the latent cache")
     world = init_world("deepspeed" if ranks_from_env().world_size > 1 else "single", run.train.device,
