@@ -178,14 +178,15 @@ def figures_and_spread(record: dict) -> tuple[list[tuple[str, str, float]], dict
         if "samples" in record:
             rows.append(("tiny AR samples", "accuracy_percent", 100 * record["samples"]["accuracy"]))
         probe = record.get("shape_probe")
-        if probe:  # the shape group of originals, reconstructions from all tokens and samples, side by side
-            rows.append(("tiny shape probe originals", "accuracy_percent", 100 * probe["originals"]))
+        if probe:  # the shape of originals, reconstructions from all tokens and samples, side by side
+            # records with "types" name the 5 types of the distinct-squares generator; older ones 4 groups of another
+            series = "tiny shape type" if "types" in probe else "tiny shape probe"
+            rows.append((f"{series} originals", "accuracy_percent", 100 * probe["originals"]))
             if probe.get("reconstructions"):
-                rows.append(("tiny shape probe reconstructions", "accuracy_percent",
+                rows.append((f"{series} reconstructions", "accuracy_percent",
                              100 * probe["reconstructions"][-1]["accuracy"]))
             if "shape_accuracy" in record.get("samples", {}):
-                rows.append(("tiny shape probe AR samples", "accuracy_percent",
-                             100 * record["samples"]["shape_accuracy"]))
+                rows.append((f"{series} AR samples", "accuracy_percent", 100 * record["samples"]["shape_accuracy"]))
         fid = record.get("fid")
         if fid and fid.get("reference_weights"):
             rows += [("tiny", "rfid", fid["rfid"])] + ([("tiny", "gfid", fid["gfid"]), ("tiny", "is", fid["is_mean"])]

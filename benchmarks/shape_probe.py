@@ -1,5 +1,5 @@
 """Do the tiny models draw the shapes of a class, or only its hue? (A trained CNN probe; bench_quality records the
-template-matching probe `data.shape_probe`, four shape groups, since a turned square is a diamond.)
+template-matching probe `data.shape_probe`, which names all five types and trains nothing.)
 
 In the built-in data a class fixes both the hue and the type of its two large shapes (disc, square, diamond, ring,
 cross: class mod 5). Hue is easy to score (`data.procedural.classify`); shape type needs a probe. This trains a

@@ -125,6 +125,10 @@ def test_report_figures_plots_and_table(tmp_path):
             ("tiny shape probe reconstructions", "accuracy_percent", 50.0),
             ("tiny shape probe AR samples", "accuracy_percent", 40.0)} <= set(q)
     assert not any(m in ("rfid", "gfid") for _, m, _ in q)  # a random Inception's FIDs are never plotted
+    # the 5-type probe (squares and diamonds told apart) is another series than the old 4 groups
+    five = report.figures({**quality, "shape_probe": {**quality["shape_probe"], "types": ["discs"] * 5}})
+    assert ("tiny shape type originals", "accuracy_percent", 82.0) in five
+    assert not any(s.startswith("tiny shape probe") for s, _, _ in five)
     assert report.commit_order(store.read(path)) == ["c1", "c2", "c3"]
     assert report.series_by(store.read(path), {"mfu_percent"}) == {
         ("NVIDIA H100", "train tokenizer-L optimised", "mfu_percent"): {"c1": 40.0, "c2": 44.0}}

@@ -10,7 +10,9 @@ first and in its later tokens:
   fine:   stripes inside the first large shape and up to six small shapes.
 
 Class c fixes the dominant hue (c / num_classes, jittered by at most a quarter of the spacing) and
-the type of the large shapes (disc, square, diamond, ring, cross; c mod 5). Every colour in the
+the type of the large shapes (disc, square, diamond, ring, cross; c mod 5). Squares stand on a side and diamonds on a
+corner (each turned by at most 10 degrees; `_turn`): a square turned by 45 degrees is the diamond, so with free turns
+no picture could tell the two types apart. Crosses turn freely (a cross at 45 degrees is still no other type). Every colour in the
 picture is either that hue, its complement (hue + 1/2), or a grey. In HSV every colour of hue h is
 grey + v*s*pure(h) and pure(h + 1/2) = 1 - pure(h), so the chroma (the colour minus its grey part) of
 every pixel, and hence of the mean colour, lies on the line through pure(h)'s chroma; the dominant hue
@@ -82,6 +84,17 @@ def _rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)[:, None, None]
 
 
+_SQUARE_TURN = math.pi / 18  # squares and diamonds turn by at most this either way: 25 degrees apart at the closest
+
+
+def _turn(kind: int, u: float) -> float:
+    """The rotation (radians) of a shape of this kind from a uniform u in [0, 1): squares and diamonds (the same
+    polygon, 45 degrees apart) stay near their own orientation, the others turn freely."""
+    if kind in (SQUARE, DIAMOND):
+        return (2.0 * u - 1.0) * _SQUARE_TURN
+    return math.pi * u
+
+
 def _shape_sdf(x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float, rot: float, kind: int) -> np.ndarray:
     """Signed distance (H, W), in image-side units, to a shape of radius r rotated by rot.
     x is (1, W) and y (H, 1) pixel-centre coordinates in [0, 1]."""
@@ -100,6 +113,22 @@ def _shape_sdf(x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float, rot
     return np.minimum(np.maximum(lx - r, ly - arm), np.maximum(lx - arm, ly - r))  # CROSS
 
 
+LARGE_RADIUS = (0.16, 0.24)  # the large shapes' radius range, in image sides
+LARGE_CENTRE = (0.24, 0.76)  # the range of their centres' coordinates (each side of the centre by 0.20 to 0.26)
+
+
+def _large_radius(u: float) -> float:
+    return LARGE_RADIUS[0] + (LARGE_RADIUS[1] - LARGE_RADIUS[0]) * u
+
+
+def _large_centres(u_angle: float, u_offset: float, u_jx: float, u_jy: float):
+    """The two large shapes' centres: mirror images through the picture's centre (0.40 to 0.52 apart, against at most
+    0.48 for two discs' radii), the second nudged by up to 0.02 each way."""
+    a, d = 2.0 * math.pi * u_angle, 0.20 + 0.06 * u_offset
+    dx, dy = d * math.cos(a), d * math.sin(a)
+    return (0.5 + dx, 0.5 + dy), (0.5 - dx + 0.04 * (u_jx - 0.5), 0.5 - dy + 0.04 * (u_jy - 0.5))
+
+
 def render(u: Sequence[float], label: int, size: int, num_classes: int) -> np.ndarray:
     """One image, float32 (3, size, size) in [0, 1], from _NUM_PARAMS uniforms in [0, 1) and its label."""
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size
@@ -115,13 +144,15 @@ def render(u: Sequence[float], label: int, size: int, num_classes: int) -> np.nd
     # Background: gradient between a lighter and a darker shade of the class hue, random direction.
     phi = 2.0 * math.pi * u[1]
     t = np.clip(0.5 + (x - 0.5) * math.cos(phi) + (y - 0.5) * math.sin(phi), 0.0, 1.0)
-    img = over(_rgb(hue, 0.55 + 0.35 * u[2], 0.6 + 0.4 * u[3]), _rgb(hue, 0.45 + 0.3 * u[4], 0.25 + 0.25 * u[5]), t)
+    img = over(_rgb(hue, 0.55 + 0.35 * u[2], 0.55 + 0.3 * u[3]), _rgb(hue, 0.45 + 0.3 * u[4], 0.25 + 0.25 * u[5]), t)
 
-    # Two large shapes of the class type: a bright one overlaid with white stripes, then a dark one.
+    # Two large shapes of the class type, on opposite sides of the centre so that neither hides the other: a bright
+    # one overlaid with white stripes, then one darker than any background.
     kind = label % NUM_SHAPE_TYPES
-    cx, cy, r, rot, s, v = u[6:12]
-    mask = coverage(_shape_sdf(x, y, 0.25 + 0.5 * cx, 0.25 + 0.5 * cy, 0.18 + 0.12 * r, math.pi * rot, kind))
-    img = over(img, _rgb(hue, 0.7 + 0.3 * s, 0.75 + 0.25 * v), mask)
+    (cx1, cy1), (cx2, cy2) = _large_centres(u[6], u[7], u[12], u[13])
+    r, rot, s, v = u[8:12]
+    mask = coverage(_shape_sdf(x, y, cx1, cy1, _large_radius(r), _turn(kind, rot), kind))
+    img = over(img, _rgb(hue, 0.7 + 0.3 * s, 0.8 + 0.2 * v), mask)
     freq, angle, phase, strength = u[18:22]
     freq = 4.0 + 4.0 * freq  # cycles per image side
     angle = math.pi * angle
@@ -129,9 +160,9 @@ def render(u: Sequence[float], label: int, size: int, num_classes: int) -> np.nd
     # The wave's slope at a zero crossing is 2*pi*freq per image side: this edge is one pixel wide too.
     stripes = np.clip(0.5 + wave * (size / (2.0 * math.pi * freq)), 0.0, 1.0)
     img = over(img, _rgb(0.0, 0.0, 1.0), stripes * mask * (0.35 + 0.35 * strength))
-    cx, cy, r, rot, s, v = u[12:18]
-    mask = coverage(_shape_sdf(x, y, 0.25 + 0.5 * cx, 0.25 + 0.5 * cy, 0.18 + 0.12 * r, math.pi * rot, kind))
-    img = over(img, _rgb(hue, 0.6 + 0.4 * s, 0.3 + 0.3 * v), mask)
+    r, rot, s, v = u[14:18]
+    mask = coverage(_shape_sdf(x, y, cx2, cy2, _large_radius(r), _turn(kind, rot), kind))
+    img = over(img, _rgb(hue, 0.6 + 0.4 * s, 0.08 + 0.12 * v), mask)
 
     # Small shapes of any type: absent, complementary accents (hue + 1/2), near-whites, near-blacks.
     for j in range(_NUM_SMALL):
@@ -144,7 +175,7 @@ def render(u: Sequence[float], label: int, size: int, num_classes: int) -> np.nd
         else:
             rgb = _rgb(0.0, 0.0, 0.85 + 0.15 * shade if which == 2 else 0.05 + 0.15 * shade)
         kind_j = min(int(kind_u * NUM_SHAPE_TYPES), NUM_SHAPE_TYPES - 1)
-        sdf = _shape_sdf(x, y, 0.05 + 0.9 * cx, 0.05 + 0.9 * cy, 0.035 + 0.045 * r, math.pi * rot, kind_j)
+        sdf = _shape_sdf(x, y, 0.05 + 0.9 * cx, 0.05 + 0.9 * cy, 0.035 + 0.045 * r, _turn(kind_j, rot), kind_j)
         img = over(img, rgb, coverage(sdf))
     return np.clip(img, 0.0, 1.0)
 
