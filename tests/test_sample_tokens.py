@@ -1,6 +1,8 @@
 """Generation from the first k tokens (`sample --tokens k`): k AR steps, then the decoder from that prefix with the
 other slots nulled, exactly as a reconstruction from the first k tokens decodes; and the one list of sampling
 settings the CLI's options are made from. Tiny random models (the compiled sampler's k: tests/test_export.py)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ from helpers import micro_tokenizer_run, randomized
 from semanticist_fast.cli import build_parser
 from semanticist_fast.common.sample_settings import SETTINGS, SampleConfig, sample_options
 from semanticist_fast.config import ConfigError, from_dict
-from semanticist_fast.inference import Tokenizer, generate, sample_images
+from semanticist_fast.inference import EagerSampler, Tokenizer, generate, sample_images
+from semanticist_fast.inference.generation import LoadedGenerator
 from semanticist_fast.models.gpt import GPT, GPTConfig
 from semanticist_fast.models.latent_codec import build_codec
 from semanticist_fast.models.tokenizer import SemanticistTokenizer
@@ -86,6 +89,8 @@ def test_a_k_outside_1_to_n_fails_with_the_fix(models):
         with pytest.raises(ValueError, match=rf"--tokens / sample.tokens {k}: the AR model draws {N} tokens, so k "
                                              rf"must be in 1\.\.{N}"):
             draw(models, tokens=k)
+    with pytest.raises(ValueError, match="unknown sampling settings \\['cfg'\\]"):
+        EagerSampler(LoadedGenerator(models[0], SampleConfig(), None, None, Path("ar")), models[1]).resolved(cfg=2.0)
     with pytest.raises(ConfigError, match="sample.tokens"):
         from_dict(SampleConfig, {"tokens": 0}, prefix="sample.")
     assert from_dict(SampleConfig, {"tokens": 2}, prefix="sample.").tokens == 2

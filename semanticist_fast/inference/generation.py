@@ -14,8 +14,8 @@ import torch
 
 from ..common.device import inference_precision, resolve_device
 from ..common.files import sha256_file
-from ..common.sample_settings import SampleConfig, tokens_to_generate
 from ..common.runs import weights_file
+from ..common.sample_settings import SETTINGS, SampleConfig, tokens_to_generate
 from ..config import from_dict, migrate_saved
 from ..diffusion.sampling import HeadSamplerName, guidance_at
 from ..models.gpt import GPT, GPTConfig
@@ -131,6 +131,9 @@ def load_generator(path: Union[str, Path], device: Optional[str] = None) -> Load
 
 def with_overrides(sample: SampleConfig, **given) -> SampleConfig:
     """sample with every given setting that is not None replacing the run's."""
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown sampling settings {unknown}; choose from {', '.join(SETTINGS)}")
     sample = replace(sample, **{name: value for name, value in given.items() if value is not None})
     sample.validate()
     return sample
