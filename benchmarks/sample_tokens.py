@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
         samples = torch.cat(drawn[k])
         rec = torch.cat(reconstructions[k])
         rows.append({"tokens": k, "ar_steps": k, "seconds_per_image": median(per_image[k]),
+                     "ms_per_image": 1e3 * median(per_image[k]),
                      "images_per_s": 1 / median(per_image[k]), "all_seconds_per_image": per_image[k],
                      "speedup_over_all_tokens": ratio_stats(per_image[n], per_image[k]),
                      "hue_accuracy": hue_accuracy(samples, labels, classes),
