@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     print(f"{'k':>4} {'ms/image':>9} {'vs all':>7} {'hue':>7} {'shape':>7} | reconstructions: {'hue':>7} {'shape':>7}")
     for row in rows:
         print(f"{row['tokens']:>4} {row['seconds_per_image'] * 1e3:>9.1f} "
-              f"x{row['speedup_over_all_tokens']['median']:>6.2f} {row['hue_accuracy']:>7.1%} "
+              f"{'x%.2f' % row['speedup_over_all_tokens']['median']:>7} {row['hue_accuracy']:>7.1%} "
               f"{row['shape_accuracy']:>7.1%} | {'':>17}{row['reconstruction_hue_accuracy']:>7.1%} "
               f"{row['reconstruction_shape_accuracy']:>7.1%}")
     if not args.no_write:

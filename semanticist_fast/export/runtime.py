@@ -189,11 +189,12 @@ class CompiledSampler:
         return model_fn
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, generator: Optional[torch.Generator] = None, progress: bool = False,
+    def decode(self, ar_tokens: torch.Tensor, generator: Optional[torch.Generator] = None, progress: bool = False,
                **overrides) -> torch.Tensor:
         """The AR's tokens (B, n, token_dim), n <= num_tokens -> images in [0, 1], as inference.Tokenizer.decode
-        does: from the first k = tokens (default n) of them, the slots after them nulled."""
+        does: from the first k = tokens (the setting; default n) of them, the slots after them nulled."""
         s = self.resolved(**overrides)
+        tokens = ar_tokens
         ar = self.manifest["ar"]
         given = tokens.shape[1] if tokens.ndim == 3 else 0
         if tokens.ndim != 3 or not 1 <= given <= ar["num_tokens"] or tokens.shape[2] != ar["token_dim"]:
