@@ -148,10 +148,12 @@ def test_decoder_step_and_latent_decode_match_eager(eager, compiled):
                          generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(ours, ref, **TOL)
     x = torch.randn(2, 3, 16, 16, generator=g)
-    step = compiled.programs["decoder_step"](x, torch.tensor([100.0, 700.0]), tokens[:2], torch.tensor(2.0))
-    slots = tok.model.prefix_condition(torch.cat([tokens[:2], torch.zeros(2, 1, 16)], dim=1), 3)
-    with torch.no_grad():
-        assert_close_fp32(step, tok.model.dit.forward_guided(x, torch.tensor([100.0, 700.0]), slots, 2.0))
+    for k in (3, 1):  # the token count is an input: the slots from k on are the null slots
+        step = compiled.programs["decoder_step"](x, torch.tensor([100.0, 700.0]), tokens[:2], torch.tensor([k]),
+                                                 torch.tensor(2.0))
+        slots = tok.model.prefix_condition(torch.cat([tokens[:2], torch.zeros(2, 1, 16)], dim=1), k)
+        with torch.no_grad():
+            assert_close_fp32(step, tok.model.dit.forward_guided(x, torch.tensor([100.0, 700.0]), slots, 2.0))
         torch.testing.assert_close(compiled.programs["latent_decode"](x), tok.codec.decode(x).clamp(0, 1))
 
 
