@@ -154,6 +154,7 @@ def test_decoder_step_and_latent_decode_match_eager(eager, compiled):
         slots = tok.model.prefix_condition(torch.cat([tokens[:2], torch.zeros(2, 1, 16)], dim=1), k)
         with torch.no_grad():
             assert_close_fp32(step, tok.model.dit.forward_guided(x, torch.tensor([100.0, 700.0]), slots, 2.0))
+    with torch.no_grad():
         torch.testing.assert_close(compiled.programs["latent_decode"](x), tok.codec.decode(x).clamp(0, 1))
 
 
