@@ -124,7 +124,6 @@ def cmd_sample(args) -> int:
     import torch
 
     from .eval.grid import save_grid, save_samples
-
     from .export.choice import make_sampler
 
     if (args.ckpt is None) == (args.compiled is None):
