@@ -112,3 +112,12 @@ def test_cli_options_are_the_sample_settings(capsys):
     with pytest.raises(SystemExit) as exit:
         parser.parse_args(["sample", "ckpt", "--tokens", "0"])
     assert exit.value.code == 2 and "--tokens must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_an_ar_run_whose_previews_ask_for_more_tokens_than_its_model_draws_is_refused(tmp_path):
+    from semanticist_fast.config import load_config
+    from semanticist_fast.tasks.autoregressive import ARRun, build
+
+    run = load_config(ARRun, "configs/autoregressive_tiny.yaml", ["sample.tokens=9"])
+    with pytest.raises(ConfigError, match=r"sample.tokens 9: the AR model draws 8 tokens, so k must be in 1\.\.8"):
+        build(run, tmp_path, torch.device("cpu"))
