@@ -210,6 +210,14 @@ def figures_and_spread(record: dict) -> tuple[list[tuple[str, str, float]], dict
         for v in record.get("variants", []):
             rows.append((f"sample knobs {v['variant']} shape", "accuracy_percent", 100 * v["shape_accuracy"]))
             rows.append((f"sample knobs {v['variant']} hue", "accuracy_percent", 100 * v["hue_accuracy"]))
+    elif kind == "sample_tokens":  # generation from the first k tokens: time and accuracy per k, eager or compiled
+        for r in record.get("per_k", []):
+            series = f"{record.get('sampler', 'eager')} first {r['tokens']} tokens"
+            rows += [(series, "ms_per_image", r["ms_per_image"]),
+                     (series, "speedup", r["speedup_over_all_tokens"]["median"]),
+                     (series, "hue_percent", 100 * r["hue_accuracy"]),
+                     (series, "shape_percent", 100 * r["shape_accuracy"])]
+            spread[series, "speedup"] = r["speedup_over_all_tokens"]
     elif kind == "demo_load":
         for level in record.get("levels", []):
             series = f"demo {level['clients']} clients"

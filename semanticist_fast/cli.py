@@ -212,40 +212,24 @@ def cmd_sample(args) -> int:
     import torch
 
     from .eval.grid import save_grid, save_samples
+    from .export.choice import make_sampler
 
     if (args.ckpt is None) == (args.compiled is None):
         raise UsageError("sample: give an AR checkpoint (CKPT) or an exported directory (--compiled DIR), not both")
-    batch_size = args.batch_size
-    if args.compiled:
-        from .export import CompiledSampler
-
-        if args.tokenizer or args.device or args.precision:
-            raise UsageError("sample --compiled: the export fixed the tokenizer, the device and the precision; drop "
-                             "--tokenizer, --device and --precision (or re-export)")
-        sampler = CompiledSampler.load(args.compiled)
-        device, num_classes = sampler.device, sampler.manifest["ar"]["num_classes"]
-        settings = sampler.resolved(**_sampling_overrides(args))  # bad settings fail before any sampling
-        batch_size = min(batch_size, sampler.manifest["batch"]["max"])
-
-        def draw(labels, generator):
-            return sampler.sample_images(labels, generator, **settings)
-    else:
-        from .inference import Tokenizer, load_generator, sample_images
-        from .inference.generation import with_overrides
-
-        loaded = load_generator(args.ckpt, args.device)
-        device, num_classes = next(loaded.gpt.parameters()).device, loaded.gpt.num_classes
-        tokenizer_path = args.tokenizer or loaded.tokenizer_file()  # the pinned tokenizer unless one is given
-        tokenizer = Tokenizer.from_checkpoint(tokenizer_path, device=str(device), precision=_precision(args))
-        # Every option left unset falls back to the run's `sample` section.
-        s = with_overrides(loaded.sample, **_sampling_overrides(args))
-
-        def draw(labels, generator):
-            return sample_images(loaded.gpt, tokenizer, labels, s, generator)
-    classes = _parse_classes(args.classes, num_classes)
-    labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=device)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    images = torch.cat([draw(labels[start:start + batch_size], generator).cpu()
+    if args.compiled and (args.tokenizer or args.device or args.precision):
+        raise UsageError("sample --compiled: the export fixed the tokenizer, the device and the precision; drop "
+                         "--tokenizer, --device and --precision (or re-export)")
+    sampler = make_sampler(args.ckpt, args.compiled, args.tokenizer, args.device, _precision(args))
+    # Every option left unset falls back to the run's (or the export's) `sample` settings; bad ones fail now.
+    try:
+        settings = sampler.resolved(**_sampling_overrides(args))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    batch_size = min(args.batch_size, sampler.max_batch or args.batch_size)
+    classes = _parse_classes(args.classes, sampler.num_classes)
+    labels = torch.tensor([c for c in classes for _ in range(args.per_class)], device=sampler.device)
+    generator = torch.Generator(sampler.device).manual_seed(args.seed)
+    images = torch.cat([sampler.sample_images(labels[start:start + batch_size], generator, **settings).cpu()
                         for start in range(0, labels.shape[0], batch_size)])
     out = Path(args.out)
     save_grid(list(images.view(len(classes), args.per_class, *images.shape[1:])), out)
@@ -272,13 +256,11 @@ def add_sample_parser(sub) -> None:
     s.set_defaults(fn=cmd_sample)
 
 
-SAMPLING_OPTIONS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampler", "decoder_guidance",
-                    "decoder_steps")
-
-
 def _sampling_overrides(args) -> dict:
     """The sampling options given; each one left unset (None) falls back to the run's `sample` section."""
-    return {name: getattr(args, name) for name in SAMPLING_OPTIONS}
+    from .common.sample_settings import SETTINGS
+
+    return {name: getattr(args, name) for name in SETTINGS}
 
 
 def cmd_export(args) -> int:
@@ -366,6 +348,8 @@ def _eval_config(args):
     flags = {name: getattr(args, name, None) for name in
              ("inception_path", "reference", "reference_images", "num_images", "per_class", "tokens", "shard_size",
               "seed")}
+    if args.eval_kind == "gen":  # gen's --tokens is the sampling setting (first k tokens), not eval.tokens
+        flags.pop("tokens")
     return resolve_eval_config(saved_config(args.ckpt), args.config, args.overrides, **flags)
 
 
@@ -471,22 +455,13 @@ def _precision(args) -> str:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    # Unset sampling options take the values of the checkpoint's `sample` section.
-    p.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=None,
-                   help="class guidance scale (default: the run's sample.guidance)")
-    p.add_argument("--guidance-schedule", "--cfg-schedule", dest="guidance_schedule", choices=["linear", "constant"],
-                   default=None, help="how guidance grows over the tokens (default: the run's)")
-    p.add_argument("--temperature", type=float, default=None, help="diffusion-head temperature (default: the run's)")
-    p.add_argument("--head-steps", type=_positive("--head-steps"), default=None,
-                   help="diffusion-head sampling steps per token (default: the run's)")
-    p.add_argument("--sampler", choices=["sde", "ode", "heun", "adams", "dpm"], default=None,
-                   help="diffusion-head sampler: sde / ode (Euler; DDIM for a ddpm head), heun or adams (second order, "
-                        "flow heads), dpm (DPM-Solver++(2M), ddpm heads) (default: the run's)")
-    p.add_argument("--decoder-guidance", "--decoder-cfg", dest="decoder_guidance", type=float, default=None,
-                   help="tokenizer decoder guidance scale (default: the run's)")
-    p.add_argument("--decoder-steps", default=None,
-                   help="tokenizer decoder steps, e.g. 250, ddim25 or dpm20 (ddpm), euler4, adams4 or heun4 (flow) "
-                        "(default: the run's)")
+    from .common.sample_settings import sample_options
+
+    # One option per SampleConfig field, with its help; unset ones take the checkpoint's `sample` section.
+    for o in sample_options():
+        kind = _positive(o.flags[0]) if o.kind is int else o.kind
+        p.add_argument(*o.flags, dest=o.name, type=kind, choices=o.choices, default=None,
+                       help=f"{o.help} (default: the run's sample.{o.name})")
     p.add_argument("--tokenizer", default=None,
                    help="decode with this tokenizer instead of the one the AR model was trained on (pinned by sha256)")
 

@@ -217,6 +217,23 @@ def test_generation_grid_and_download(models, runs):
         handlers.generate_grid(models, [0], temperature=0)
     with pytest.raises(DemoInputError, match="guidance schedule 'cosine'"):
         handlers.generate_grid(models, [0], guidance_schedule="cosine")
+    for k in (0, 5):
+        with pytest.raises(DemoInputError, match=rf"token count must be in 1\.\.4 \(this AR model draws 4\), got {k}"):
+            handlers.generate_grid(models, [0], tokens=k)
+
+
+def test_generation_from_the_first_k_tokens(models, runs):
+    """The tab's k: the images `sample --tokens k` draws (k AR steps, the rest of the slots nulled)."""
+    result = handlers.generate_grid(models, [1, 4], per_class=2, seed=3, tokens=2)
+    loaded = load_generator(runs[1], "cpu")
+    decoder = Tokenizer.from_checkpoint(loaded.tokenizer_file(), device="cpu")
+    expected = sample_images(loaded.gpt, decoder, torch.tensor(result.labels), with_overrides(loaded.sample, tokens=2),
+                             torch.Generator().manual_seed(3))
+    full = handlers.generate_grid(models, [1, 4], per_class=2, seed=3)
+    with np.load(result.archive) as saved, np.load(full.archive) as all_tokens:
+        assert np.array_equal(saved["images"], (expected.clamp(0, 1) * 255).round().to(torch.uint8)
+                              .permute(0, 2, 3, 1).numpy())
+        assert not np.array_equal(saved["images"], all_tokens["images"])
 
 
 def test_the_limits_bound_each_request(models, monkeypatch):
@@ -311,6 +328,11 @@ def test_generation_with_an_export(models, runs, tmp_path):
     b = handlers.generate_grid(models, [1, 3], per_class=2, seed=11)
     with np.load(a.archive) as x, np.load(b.archive) as y:
         assert x["labels"].tolist() == y["labels"].tolist() == [1, 1, 3, 3]
+        assert np.abs(x["images"].astype(int) - y["images"].astype(int)).max() <= 1
+    # ... and from the first k tokens alike.
+    a = handlers.generate_grid(exported, [1, 3], per_class=2, seed=11, tokens=1)
+    b = handlers.generate_grid(models, [1, 3], per_class=2, seed=11, tokens=1)
+    with np.load(a.archive) as x, np.load(b.archive) as y:
         assert np.abs(x["images"].astype(int) - y["images"].astype(int)).max() <= 1
     # More images than the export's largest batch are drawn in batches of it.
     assert handlers.generate_grid(exported, [0, 2, 4], per_class=2, seed=0).labels == [0, 0, 2, 2, 4, 4]

@@ -148,10 +148,13 @@ def test_decoder_step_and_latent_decode_match_eager(eager, compiled):
                          generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(ours, ref, **TOL)
     x = torch.randn(2, 3, 16, 16, generator=g)
-    step = compiled.programs["decoder_step"](x, torch.tensor([100.0, 700.0]), tokens[:2], torch.tensor(2.0))
-    padded, keep = torch.cat([tokens[:2], torch.zeros(2, 1, 16)], dim=1), torch.tensor([3, 3])
+    for k in (3, 1):  # the token count is an input: the slots from k on are the null slots
+        step = compiled.programs["decoder_step"](x, torch.tensor([100.0, 700.0]), tokens[:2], torch.tensor([k]),
+                                                 torch.tensor(2.0))
+        padded, keep = torch.cat([tokens[:2], torch.zeros(2, 1, 16)], dim=1), torch.tensor([k, k])
+        with torch.no_grad():
+            assert_close_fp32(step, tok.model.dit.forward_guided(x, torch.tensor([100.0, 700.0]), padded, 2.0, keep))
     with torch.no_grad():
-        assert_close_fp32(step, tok.model.dit.forward_guided(x, torch.tensor([100.0, 700.0]), padded, 2.0, keep))
         torch.testing.assert_close(compiled.programs["latent_decode"](x), tok.codec.decode(x).clamp(0, 1))
 
 
@@ -187,7 +190,8 @@ def test_manifest_records_shapes_settings_and_checkpoints(exported, compiled):
     for kind, path in (("autoregressive", exported["ar"]), ("tokenizer", exported["tok"])):
         assert manifest["checkpoints"][kind] == {"path": str(path), "sha256": sha256_file(path)}
     assert manifest["sample"] == {"guidance": 2.0, "guidance_schedule": "linear", "temperature": 1.0, "head_steps": 6,
-                                  "sampler": "sde", "decoder_guidance": 1.5, "decoder_steps": "euler3"}
+                                  "sampler": "sde", "decoder_guidance": 1.5, "decoder_steps": "euler3",
+                                  "tokens": None}
     prefill = manifest["programs"]["ar_prefill"]
     assert prefill["inputs"][0] == {"name": "labels", "shape": ["2*batch"], "dtype": "int64"}
     assert prefill["inputs"][1] == {"name": "k_cache_0", "shape": ["2*batch", 2, 3, 16], "dtype": "float32"}
@@ -208,8 +212,10 @@ def test_bad_requests_fail_with_the_fix(exported, compiled, tmp_path):
         compiled.sample_images(torch.tensor([0]), cfg=2.0)
     with pytest.raises(ValueError, match="does not fit a flow head"):
         compiled.generate(torch.tensor([0]), sampler="dpm")
-    with pytest.raises(ValueError, match=r"tokens must be \(B, 3, 16\)"):
+    with pytest.raises(ValueError, match=r"tokens must be \(B, n, 16\) with n in 1\.\.3"):
         compiled.decode(torch.zeros(1, 4, 16))
+    with pytest.raises(ValueError, match=r"--tokens / sample.tokens 4: the AR model draws 3 tokens"):
+        compiled.generate(torch.tensor([0]), tokens=4)
     with pytest.raises(FileNotFoundError, match="export the sampler first"):
         CompiledSampler.load(tmp_path)
 
@@ -223,6 +229,64 @@ def test_sample_cli_compiled_matches_the_checkpoint(exported, tmp_path):
     # uint8 images of the same samples: a rounding boundary may split them by one level, no more.
     assert np.abs(compiled["images"].astype(int) - eager["images"].astype(int)).max() <= 1
     assert compiled["images"].std() > 10
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_first_k_tokens_compiled_match_eager_in_k_ar_steps(eager, compiled, k):
+    gpt, tok = eager
+    calls = {}
+
+    def counted(name, program):
+        def call(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return program(*args)
+        return call
+
+    programs = dict(compiled.programs)
+    compiled.programs.update({name: counted(name, p) for name, p in programs.items()})
+    try:
+        labels = torch.tensor([0, 3, 4])
+        ours = compiled.sample_images(labels, torch.Generator().manual_seed(0), tokens=k, head_steps=4)
+    finally:
+        compiled.programs.update(programs)
+    # The step loop stops after k tokens: one prefill, k - 1 decode steps, 4 head steps per token.
+    assert calls["ar_prefill"] == 1 and calls.get("ar_decode", 0) == k - 1 and calls["head_step"] == 4 * k
+    ref = sample_images(gpt, tok, labels, eager_settings(compiled, tokens=k, head_steps=4),
+                        torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, ref, **TOL)
+    full = compiled.sample_images(labels, torch.Generator().manual_seed(0), head_steps=4)
+    assert (full - ours).abs().max() > 1e-2
+    # Decoding all 3 drawn tokens with tokens=k nulls the rest, as Tokenizer.decode(num_tokens=k) does.
+    tokens = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1))
+    ref = tok.decode(tokens, num_tokens=k, guidance=1.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(compiled.decode(tokens, torch.Generator().manual_seed(0), tokens=k), ref, **TOL)
+
+
+def test_an_export_from_before_k_samples_all_tokens_only(exported, compiled):
+    """An older export's decoder step has no token-count input: all N tokens still sample, k < N asks for a
+    re-export."""
+    manifest = json.loads(json.dumps(compiled.manifest))
+    inputs = manifest["programs"]["decoder_step"]["inputs"]
+    manifest["programs"]["decoder_step"]["inputs"] = [i for i in inputs if i["name"] != "num_tokens"]
+    del manifest["sample"]["tokens"]
+    old = CompiledSampler(exported["dir"], manifest, compiled.programs, compiled.device)
+    assert old.resolved()["tokens"] is None
+    with pytest.raises(ValueError, match="re-export it to sample with --tokens 2"):
+        old.sample_images(torch.tensor([0]), tokens=2)
+
+
+def test_sample_cli_first_tokens_compiled_matches_the_checkpoint(exported, tmp_path):
+    common = ["--classes", "0,2", "--per-class", "2", "--seed", "3", "--head-steps", "4", "--tokens", "2"]
+    cli("sample", "--compiled", str(exported["dir"]), *common, "--out", str(tmp_path / "compiled.png"))
+    cli("sample", str(exported["ar"]), *common, "--out", str(tmp_path / "eager.png"), "--device", "cpu")
+    compiled, eager = np.load(tmp_path / "compiled.npz"), np.load(tmp_path / "eager.npz")
+    assert np.abs(compiled["images"].astype(int) - eager["images"].astype(int)).max() <= 1
+    assert eager["images"].shape == (4, 16, 16, 3) and eager["images"].std() > 10
+    bad = subprocess.run([sys.executable, "-m", "semanticist_fast", "sample", str(exported["ar"]), "--tokens", "4",
+                          "--out", str(tmp_path / "bad.png"), "--device", "cpu"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert bad.returncode == 2 and "--tokens / sample.tokens 4: the AR model draws 3 tokens, so k must be in 1..3" \
+        in bad.stderr
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +316,8 @@ def unguided_ddpm(tmp_path_factory):
 def test_unguided_ddpm_export_reproduces_eager(unguided_ddpm, head_sampler, decoder_steps):
     sampler, gpt, tok = unguided_ddpm
     assert not sampler.manifest["compiled"] and not sampler.manifest["ar"]["guided"]
-    assert [i["name"] for i in sampler.manifest["programs"]["decoder_step"]["inputs"]] == ["x", "t", "tokens"]
+    assert [i["name"] for i in sampler.manifest["programs"]["decoder_step"]["inputs"]] == ["x", "t", "tokens",
+                                                                                          "num_tokens"]
     assert sampler.manifest["programs"]["decoder_step"]["outputs"][0]["shape"] == ["batch", 6, 16, 16]
     settings = dict(sampler=head_sampler, decoder_steps=decoder_steps, head_steps=5)
     labels = torch.tensor([4, 0, 2])

@@ -270,6 +270,28 @@ def test_eval_gen_end_to_end(gen_whole):
     assert (gen_whole / "samples.png").stat().st_size > 0
 
 
+def test_eval_gen_from_the_first_k_tokens(micro_runs, inception_file, gen_whole, tmp_path):
+    """`eval gen --tokens 2` scores samples drawn from the first 2 of the 4 tokens: those sample_images draws with
+    the same seeds and tokens=2."""
+    from semanticist_fast.common.seeds import derive_seed
+    from semanticist_fast.eval.gen_eval import _SAMPLE_STREAM
+    from semanticist_fast.inference import Tokenizer, load_generator, sample_images
+    from semanticist_fast.inference.generation import with_overrides
+
+    out = tmp_path / "k2"
+    result = gen(micro_runs[1], inception_file, out, "--tokens", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sample"]["tokens"] == 2 and "the first 2 tokens" in result.stdout
+    images = read_npz(out / "samples.npz")["arr_0"]
+    assert np.abs(images.astype(int) - read_npz(gen_whole / "samples.npz")["arr_0"].astype(int)).max() > 8
+    loaded = load_generator(micro_runs[1], "cpu")
+    tok = Tokenizer.from_checkpoint(loaded.tokenizer_file(), device="cpu")
+    labels = torch.arange(4) % 10  # shard 0: the first shard_size samples
+    generator = torch.Generator().manual_seed(derive_seed(0, _SAMPLE_STREAM, 0))
+    expected = to_uint8(sample_images(loaded.gpt, tok, labels, with_overrides(loaded.sample, tokens=2), generator))
+    assert np.array_equal(images[:4], expected.permute(0, 2, 3, 1).numpy())
+
+
 def test_missing_inception_file_fails_before_sampling(micro_runs, tmp_path):
     r = cli("eval", "gen", str(micro_runs[1]), "--inception-path", str(tmp_path / "none.pth"), "--out",
             str(tmp_path / "g"), check=False)

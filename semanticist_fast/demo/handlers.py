@@ -33,8 +33,8 @@ from ..diffusion.flow import flow_steps
 from ..diffusion.schedules import space_timesteps
 from ..eval.grid import save_grid, save_samples, to_uint8, token_counts
 from ..eval.reconstruction import held_out_set, parse_token_counts, reconstruction_report
-from ..inference import Tokenizer, load_generator, sample_images
-from ..inference.generation import LoadedGenerator, with_overrides
+from ..export.choice import Sampler, make_sampler
+from ..inference import Tokenizer, load_generator
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,26 @@ class DemoLimits:
 @dataclass
 class Generation:
     """What the generation tab samples with: the eager AR model and its tokenizer, or an exported sampler."""
-    draw: Callable[[torch.Tensor, torch.Generator, dict, bool], torch.Tensor]  # labels, generator, settings, bars
-    defaults: dict  # the run's sampling settings
-    num_classes: int
+    sampler: Sampler
     class_names: list[str]
-    device: torch.device
     batch_size: int
     source: str  # what the page says it samples with
+
+    @property
+    def defaults(self) -> dict:  # the run's (or the export's) sampling settings
+        return self.sampler.settings
+
+    @property
+    def num_classes(self) -> int:
+        return self.sampler.num_classes
+
+    @property
+    def num_tokens(self) -> int:  # N: the tab's token count k lies in 1..N
+        return self.sampler.num_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.sampler.device
 
 
 @dataclass
@@ -148,32 +161,20 @@ def _same_weights(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b))
 
 
-def _eager_generation(loaded: LoadedGenerator, ar, tokenizer: Tokenizer, tokenizer_path) -> Generation:
-    pinned = loaded.tokenizer_file()  # the tokenizer the AR model's tokens mean something to
-    device = next(loaded.gpt.parameters()).device
-    decoder = tokenizer if _same_weights(pinned, Path(tokenizer_path)) else \
-        Tokenizer.from_checkpoint(pinned, device=str(device), precision=tokenizer.precision)
-
-    def draw(labels, generator, settings, bars):
-        return sample_images(loaded.gpt, decoder, labels, with_overrides(loaded.sample, **settings), generator, bars)
-
-    num_classes = loaded.gpt.num_classes
-    names = [_name(_run_class_names(ar), c) for c in range(num_classes)]
-    return Generation(draw, asdict(loaded.sample), num_classes, names, device, EAGER_BATCH, f"{ar} (eager)")
-
-
-def _compiled_generation(directory, ar) -> Generation:
-    from ..export import CompiledSampler
-
-    sampler = CompiledSampler.load(directory)
-
-    def draw(labels, generator, settings, bars):
-        return sampler.sample_images(labels, generator, bars, **sampler.resolved(**settings))
-
-    num_classes = sampler.manifest["ar"]["num_classes"]
-    named = _run_class_names(ar or sampler.manifest["checkpoints"]["autoregressive"]["path"])
-    return Generation(draw, dict(sampler.settings), num_classes, [_name(named, c) for c in range(num_classes)],
-                      sampler.device, sampler.manifest["batch"]["max"], f"{directory} (compiled)")
+def _generation(ar, compiled, loaded, tokenizer: Tokenizer, tokenizer_path) -> Generation:
+    """The eager AR model (decoding with the demo's tokenizer when it is the one the AR model was trained on, else
+    with that one) or the export, as make_sampler picks."""
+    if compiled is not None:
+        sampler = make_sampler(compiled=compiled)
+        run, source = ar or sampler.manifest["checkpoints"]["autoregressive"]["path"], f"{compiled} (compiled)"
+    else:
+        pinned = loaded.tokenizer_file()  # the tokenizer the AR model's tokens mean something to
+        sampler = make_sampler(loaded, tokenizer=tokenizer if _same_weights(pinned, Path(tokenizer_path)) else None,
+                               precision=tokenizer.precision)
+        run, source = ar, f"{ar} (eager)"
+    named = _run_class_names(run)
+    return Generation(sampler, [_name(named, c) for c in range(sampler.num_classes)],
+                      sampler.max_batch or EAGER_BATCH, source)
 
 
 def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = None,
@@ -190,11 +191,8 @@ def load_models(tokenizer=None, ar=None, compiled=None, device: Optional[str] = 
         tokenizer = (loaded or load_generator(ar, "cpu")).tokenizer_file()
     tok = Tokenizer.from_checkpoint(tokenizer, device=device, precision=precision)
     held_out, captions = _held_out(tokenizer, tok.image_size, num_held_out)
-    generation = None
-    if compiled is not None:
-        generation = _compiled_generation(compiled, ar)
-    elif loaded is not None:
-        generation = _eager_generation(loaded, ar, tok, tokenizer)
+    generation = _generation(ar, compiled, loaded, tok, tokenizer) if compiled is not None or loaded is not None \
+        else None
     if out_dir is None:  # a server left running for days must not fill the disk: removed when the process exits
         out = Path(tempfile.mkdtemp(prefix="semanticist-demo-"))
         atexit.register(shutil.rmtree, out, ignore_errors=True)
@@ -447,9 +445,11 @@ def classes_of(models: DemoModels, classes: Sequence[Union[int, str]]) -> list[i
 def generate_grid(models: DemoModels, classes: Sequence[Union[int, str]], per_class: int = 4,
                   guidance: Optional[float] = None, guidance_schedule: Optional[str] = None,
                   temperature: Optional[float] = None, seed: int = 0, progress: Optional[Progress] = None,
-                  step_bars: bool = False, cancelled: Optional[Cancelled] = None) -> Samples:
+                  step_bars: bool = False, cancelled: Optional[Cancelled] = None,
+                  tokens: Optional[int] = None) -> Samples:
     """per_class samples of each class (a grid row each), seeded as `semanticist-fast sample --seed` is, written
-    as a PNG grid and an .npz for download. Unset settings are the run's."""
+    as a PNG grid and an .npz for download. tokens: generate only the first k of the N tokens and decode with the
+    rest nulled (`sample --tokens k`). Unset settings are the run's."""
     gen = models.generation
     if gen is None:
         raise DemoInputError("no AR model: start the demo with --ar RUN (or --compiled DIR) to generate")
@@ -467,9 +467,14 @@ def generate_grid(models: DemoModels, classes: Sequence[Union[int, str]], per_cl
         guidance = _guidance(models, guidance, "class")
     if guidance_schedule not in (None, "linear", "constant"):
         raise DemoInputError(f"guidance schedule {guidance_schedule!r}: choose linear or constant")
+    if tokens is not None:
+        tokens = _number(tokens, "the token count", int)
+        if not 1 <= tokens <= gen.num_tokens:
+            raise DemoInputError(f"the token count must be in 1..{gen.num_tokens} (this AR model draws "
+                                 f"{gen.num_tokens}), got {tokens}")
     seed = _seed(seed)
     settings = {"guidance": guidance, "guidance_schedule": guidance_schedule,
-                "temperature": None if temperature is None else float(temperature)}
+                "temperature": None if temperature is None else float(temperature), "tokens": tokens}
     labels = torch.tensor([c for c in labels_list for _ in range(per_class)], device=gen.device)
 
     def draw() -> torch.Tensor:
@@ -479,7 +484,8 @@ def generate_grid(models: DemoModels, classes: Sequence[Union[int, str]], per_cl
             if progress is not None:
                 progress(begin / labels.shape[0], f"sampling images {begin + 1}..{labels.shape[0]}")
             try:
-                chunks.append(gen.draw(labels[begin:begin + gen.batch_size], generator, settings, step_bars).cpu())
+                chunks.append(gen.sampler.sample_images(labels[begin:begin + gen.batch_size], generator, step_bars,
+                                                        **settings).cpu())
             except ValueError as e:  # settings an export cannot run (e.g. guidance on an unguided export)
                 raise DemoInputError(str(e)) from None
         return torch.cat(chunks)

@@ -21,6 +21,7 @@ from ..common.device import effective_precision, resolve_device
 from ..common.distributed import close, ranks_from_env
 from ..common.files import atomic_write_text, sha256_file
 from ..common.runs import resolve_checkpoint, saved_config, weights_file
+from ..common.sample_settings import tokens_to_generate
 from ..common.seeds import derive_seed
 from ..inference.generation import load_generator, sample_images, with_overrides
 from ..inference.tokenizer import Tokenizer
@@ -57,6 +58,7 @@ def evaluate_generation(checkpoint, cfg: EvalConfig, out_dir: Optional[Path] = N
     tokenizer_file = weights_file(tokenizer_path) if tokenizer_path else loaded.tokenizer_file()  # the pinned one
     tokenizer = Tokenizer.from_checkpoint(tokenizer_file, device=str(device), precision=precision)
     gpt, sample = loaded.gpt, with_overrides(loaded.sample, **sample_overrides)
+    tokens_to_generate(sample.tokens, gpt.num_tokens)  # a k outside 1..N fails before the work
     run = saved_config(ckpt)
     if not cfg.reference and not run.get("data"):  # checked before sampling, not after
         raise ValueError(f"{ckpt} names no training data to take reference statistics from (a converted "
@@ -66,9 +68,12 @@ def evaluate_generation(checkpoint, cfg: EvalConfig, out_dir: Optional[Path] = N
     if n < cfg.is_splits:
         raise ValueError(f"{n} samples cannot make eval.is_splits={cfg.is_splits} IS splits: raise eval.per_class")
     inception_sha = sha256_file(Path(cfg.inception_path))
+    settings = asdict(sample)
+    if settings["tokens"] is None:  # all tokens: the identity of runs from before the setting, so they resume
+        del settings["tokens"]
     identity = {"kind": "gen", "version": FORMAT_VERSION, "checkpoint_sha256": sha256_file(weights_file(ckpt)),
                 "tokenizer_sha256": sha256_file(tokenizer_file), "inception_sha256": inception_sha,
-                "fid_features": cfg.fid_features, "sample": asdict(sample), "seed": cfg.seed,
+                "fid_features": cfg.fid_features, "sample": settings, "seed": cfg.seed,
                 "num_classes": num_classes, "num_items": n, "shard_size": cfg.shard_size}
     if effective_precision(device, precision) != "fp32":  # fp32 runs keep the identity of runs before the setting
         identity["precision"] = effective_precision(device, precision)
@@ -125,7 +130,8 @@ def format_gen_summary(summary: dict) -> str:
     s = summary["sample"]
     return "\n".join([
         f"{summary['samples']} samples ({summary['per_class']} for each of {summary['classes']} classes; guidance "
-        f"{s['guidance']:g} {s['guidance_schedule']}, temperature {s['temperature']:g}, seed {summary['seed']})",
+        f"{s['guidance']:g} {s['guidance_schedule']}, temperature {s['temperature']:g}, seed {summary['seed']}"
+        + (f"; the first {s['tokens']} tokens" if s.get("tokens") else "") + ")",
         f"gFID {summary['gfid']:.3f} against {summary['reference']}",
         f"IS {summary['is_mean']:.3f} +- {summary['is_std']:.3f}",
         f"{summary['seconds']:.1f} s; samples in {summary['npz'].get('samples', '(not written)')}, "

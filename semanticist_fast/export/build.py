@@ -22,6 +22,7 @@ import torch
 from ..common.device import effective_precision, resolve_device
 from ..common.files import atomic_write, atomic_write_text, sha256_file
 from ..common.runs import weights_file
+from ..common.sample_settings import tokens_to_generate
 from ..config import to_dict
 from ..inference import Tokenizer, load_generator
 from ..inference.generation import with_overrides
@@ -102,6 +103,7 @@ def export_sampler(ar_checkpoint: Union[str, Path], out_dir: Union[str, Path], t
                        decoder_guidance=tcfg.diffusion.guidance if s.decoder_guidance is None else s.decoder_guidance,
                        decoder_steps=str(s.decoder_steps or tcfg.diffusion.sample_steps))
     gpt.diffloss.sampling.check(s.sampler)
+    tokens_to_generate(s.tokens, gpt.num_tokens)  # a k outside 1..N fails now, not after the compiles
     tok.process.sampler(s.decoder_steps)  # an unknown decoder steps spec fails now, not after the compiles
     if gpt.config.token_dim != tcfg.encoder.slot_dim or gpt.num_tokens > tok.num_slots:
         raise ValueError(f"the AR model draws {gpt.num_tokens} tokens of {gpt.config.token_dim} dims, but the "
@@ -139,9 +141,11 @@ def export_sampler(ar_checkpoint: Union[str, Path], out_dir: Union[str, Path], t
                ["x", "t", "cond_emb", "guidance"][:3 + guided], ["batch", None, rows_dim, None][:3 + guided])
         xl = torch.randn(example, *latent, device=device)
         tl = torch.full((example,), 500.0, device=device)
-        yield ("decoder_step", DecoderStep(tok.model, gpt.num_tokens, decoder_guided),
-               (xl, tl, tokens, *guidance[:decoder_guided]), ["x", "t", "tokens", "guidance"][:3 + decoder_guided],
-               ["batch", "batch", "batch", None][:3 + decoder_guided])
+        count = torch.tensor([gpt.num_tokens], device=device)  # an input: any k of the sample's `tokens`
+        yield ("decoder_step", DecoderStep(tok.model, decoder_guided),
+               (xl, tl, tokens, count, *guidance[:decoder_guided]),
+               ["x", "t", "tokens", "num_tokens", "guidance"][:4 + decoder_guided],
+               ["batch", "batch", "batch", None, None][:4 + decoder_guided])
         yield "latent_decode", LatentDecode(tok.codec), (xl,), ["latents"], ["batch"]
 
     out_dir = Path(out_dir)

@@ -15,20 +15,19 @@ per-token steps (the AR decode step and the head step) and the decoder step repl
 """
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 
 from ..common.device import inference_precision
+from ..common.sample_settings import SETTINGS, SampleConfig, tokens_to_generate
 from ..diffusion.sampling import HeadSampler, decoder_process, guidance_at
 from .cuda_graphs import GraphedCall
 
 # The steps that replay from CUDA graphs, and where their state inputs (the KV caches, written in place) begin.
 GRAPHED = {"ar_prefill": 1, "ar_decode": 2, "head_step": None, "decoder_step": None}
-SETTINGS = ("guidance", "guidance_schedule", "temperature", "head_steps", "sampler", "decoder_guidance",
-            "decoder_steps")
 
 
 @dataclass
@@ -65,7 +64,10 @@ def load_programs(directory: Path, manifest: dict, graphs: bool) -> dict[str, Ca
 class CompiledSampler:
     def __init__(self, directory: Path, manifest: dict, programs: dict[str, Callable], device: torch.device):
         self.directory, self.manifest, self.programs, self.device = directory, manifest, programs, device
-        self.settings = dict(manifest["sample"])
+        # The manifest's settings; a field it predates (an older export) takes SampleConfig's default.
+        self.settings = {**asdict(SampleConfig()), **manifest["sample"]}
+        decoder_inputs = [i["name"] for i in manifest["programs"]["decoder_step"]["inputs"]]
+        self._decoder_takes_count = "num_tokens" in decoder_inputs  # exports before `tokens` decode all N only
         head = manifest["head"]
         self.head_sampler = HeadSampler(head["objective"], head["default_steps"], head["ddpm_schedule"],
                                         head["ddpm_timesteps"])
@@ -97,6 +99,18 @@ class CompiledSampler:
                           f"{torch.__version__}; if it fails to load or run, re-export it with this torch")
         return cls(directory, manifest, load_programs(directory, manifest, graphs), device)
 
+    @property
+    def num_classes(self) -> int:
+        return self.manifest["ar"]["num_classes"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest["ar"]["num_tokens"]
+
+    @property
+    def max_batch(self) -> int:
+        return self.manifest["batch"]["max"]
+
     # -- settings ------------------------------------------------------------------------------------------------
     def resolved(self, **overrides) -> dict:
         """The stored sampling settings with every given one that is not None replacing them."""
@@ -112,6 +126,10 @@ class CompiledSampler:
                              f"--decoder-guidance {s['decoder_guidance']} to sample with it")
         self.head_sampler.check(s["sampler"])
         guidance_at(s["guidance"], 0, 1, s["guidance_schedule"])  # an unknown schedule fails now
+        if tokens_to_generate(s["tokens"], self.num_tokens) < self.num_tokens and not self._decoder_takes_count:
+            raise ValueError(f"{self.directory} was exported before generation from the first k tokens: its decoder "
+                             f"step decodes all {self.num_tokens}; re-export it to sample with --tokens "
+                             f"{s['tokens']}")
         return s
 
     def _check_batch(self, batch: int) -> None:
@@ -130,7 +148,8 @@ class CompiledSampler:
     # -- sampling --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None, **overrides) -> torch.Tensor:
-        """Class labels (B,) -> tokens (B, num_tokens, token_dim) float32, as inference.generate draws them."""
+        """Class labels (B,) -> tokens (B, k, token_dim) float32, as inference.generate draws them: the first
+        k = tokens (default all num_tokens), in k AR steps."""
         s = self.resolved(**overrides)
         ar = self.manifest["ar"]
         if labels.ndim != 1 or labels.dtype != torch.long:
@@ -145,8 +164,9 @@ class CompiledSampler:
         caches = self._caches_for(rows)
         all_labels = torch.cat([labels, torch.full_like(labels, ar["num_classes"])]) if guided else labels
         positions = torch.arange(num_tokens, device=self.device)
-        tokens = torch.zeros(batch, num_tokens, token_dim, device=self.device)
-        for k in range(num_tokens):
+        count = tokens_to_generate(s["tokens"], num_tokens)
+        tokens = torch.zeros(batch, count, token_dim, device=self.device)
+        for k in range(count):
             if k == 0:
                 cond_emb = self.programs["ar_prefill"](all_labels, *caches)
             else:
@@ -169,16 +189,28 @@ class CompiledSampler:
         return model_fn
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, generator: Optional[torch.Generator] = None, progress: bool = False,
+    def decode(self, ar_tokens: torch.Tensor, generator: Optional[torch.Generator] = None, progress: bool = False,
                **overrides) -> torch.Tensor:
-        """The AR's tokens (B, num_tokens, token_dim) -> images in [0, 1], as inference.Tokenizer.decode does."""
+        """The AR's tokens (B, n, token_dim), n <= num_tokens -> images in [0, 1], as inference.Tokenizer.decode
+        does: from the first k = tokens (the setting; default n) of them, the slots after them nulled."""
         s = self.resolved(**overrides)
+        tokens = ar_tokens
         ar = self.manifest["ar"]
-        expected = (ar["num_tokens"], ar["token_dim"])
-        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != expected:
-            raise ValueError(f"tokens must be (B, {expected[0]}, {expected[1]}), got {tuple(tokens.shape)}")
+        given = tokens.shape[1] if tokens.ndim == 3 else 0
+        if tokens.ndim != 3 or not 1 <= given <= ar["num_tokens"] or tokens.shape[2] != ar["token_dim"]:
+            raise ValueError(f"tokens must be (B, n, {ar['token_dim']}) with n in 1..{ar['num_tokens']}, got "
+                             f"{tuple(tokens.shape)}")
+        count = given if s["tokens"] is None else tokens_to_generate(s["tokens"], ar["num_tokens"])
+        if count > given:
+            raise ValueError(f"--tokens {count}: only {given} tokens were given to decode")
+        if count < ar["num_tokens"] and not self._decoder_takes_count:
+            raise ValueError(f"{self.directory} was exported before generation from the first k tokens: its decoder "
+                             f"step decodes all {ar['num_tokens']}; re-export it to decode from {count}")
         self._check_batch(tokens.shape[0])
         tokens = tokens.to(self.device, torch.float32)
+        if given < ar["num_tokens"]:  # the slots from count on are nulled in the step, whatever they hold
+            padding = tokens.new_zeros(tokens.shape[0], ar["num_tokens"] - given, tokens.shape[2])
+            tokens = torch.cat([tokens, padding], dim=1)
         steps = str(s["decoder_steps"])
         if steps not in self._decoders:
             self._decoders[steps] = self.process.sampler(steps)
@@ -186,6 +218,8 @@ class CompiledSampler:
         # A guided export runs the CFG batch at any scale, 1.0 included (equal to the unguided path up to rounding).
         extra = (torch.tensor(float(s["decoder_guidance"]), dtype=torch.float32, device=self.device),) \
             if self.manifest["decoder"]["guided"] else ()
+        if self._decoder_takes_count:
+            extra = (torch.tensor([count], device=self.device), *extra)
 
         def model_fn(x, t):
             return step(x, t.float(), tokens, *extra)

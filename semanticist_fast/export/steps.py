@@ -6,8 +6,8 @@ and out. The loops around them (tokens, sampler steps, noise) stay in Python: se
   (rows, heads, num_tokens, head_dim)); the step writes its position into them in place. Both return the head's
   embedded condition for the next token (the diffusion head embeds it once per token, not once per step).
 - HeadStep(x, t, cond_emb[, guidance]): one network evaluation of the diffusion head, CFG batch included.
-- DecoderStep(x, t, tokens[, guidance]): one DiT evaluation, the null slots after the AR's tokens and the CFG
-  batch inside.
+- DecoderStep(x, t, tokens, num_tokens[, guidance]): one DiT evaluation, the null slots from num_tokens on (the
+  AR's tokens, or the first k of them: generation from a prefix) and the CFG batch inside.
 - LatentDecode(latents): the codec's decode to images in [0, 1].
 
 With guidance, rows = 2 * batch (conditional rows, then unconditional ones) and guidance is a 0-d tensor input,
@@ -76,20 +76,20 @@ class HeadStep(nn.Module):
 
 
 class DecoderStep(nn.Module):
-    """x (batch, C, H, W) noisy latents, t (batch,) float timesteps, tokens (batch, n, slot_dim) the first n tokens
-    -> the DiT's (guided) output; the slots from n on are the learned null slots, as Tokenizer.decode does."""
+    """x (batch, C, H, W) noisy latents, t (batch,) float timesteps, tokens (batch, n, slot_dim) the AR's n tokens,
+    num_tokens (1,) int64 k <= n -> the DiT's (guided) output; the slots from k on are the learned null slots, as
+    Tokenizer.decode(tokens, num_tokens=k) makes them."""
 
-    def __init__(self, model: SemanticistTokenizer, num_tokens: int, guided: bool):
+    def __init__(self, model: SemanticistTokenizer, guided: bool):
         super().__init__()
         self.model = model
-        self.num_tokens = num_tokens
         self.guided = guided
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, num_tokens: torch.Tensor,
                 guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
         padding = tokens.new_zeros(tokens.shape[0], self.model.num_slots - tokens.shape[1], tokens.shape[2])
         tokens = torch.cat([tokens, padding], dim=1)
-        keep = torch.full_like(tokens[:, 0, 0], self.num_tokens, dtype=torch.long)
+        keep = num_tokens.expand(tokens.shape[0])
         return self.model.dit.forward_guided(x, t, tokens, guidance if self.guided else 1.0, keep)
 
 

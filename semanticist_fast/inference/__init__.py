@@ -2,7 +2,7 @@
 
 Stands on models and diffusion alone (no training code), so evaluation, export and demos can build on it.
 """
-from .generation import SampleConfig, generate, load_generator, sample_images
+from .generation import EagerSampler, SampleConfig, generate, load_generator, sample_images
 from .tokenizer import Tokenizer
 
-__all__ = ["SampleConfig", "Tokenizer", "generate", "load_generator", "sample_images"]
+__all__ = ["EagerSampler", "SampleConfig", "Tokenizer", "generate", "load_generator", "sample_images"]

@@ -1,19 +1,21 @@
-"""Class-conditional generation with epsilon-LlamaGen: the one sampling loop, its settings and its loader.
+"""Class-conditional generation with epsilon-LlamaGen: the one sampling loop, its loader, and EagerSampler (the
+interface the compiled sampler shares). The settings are common/sample_settings.py's SampleConfig.
 
 Static KV cache, the class token prefilled, then one position per step, as the reference samples; our diffusion
 head makes one network call per SDE step where the reference's makes two (sampler="sde_naive" reproduces that: the
 benchmarks' baseline). use_kv_cache=False re-runs the whole prefix every step, which the reference does not do; it
 is kept only as a labelled extra in benchmarks/bench_sample.py and as a check of the cache.
 """
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import ClassVar, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
 from ..common.device import inference_precision, resolve_device
 from ..common.files import sha256_file
 from ..common.runs import weights_file
+from ..common.sample_settings import SETTINGS, SampleConfig, tokens_to_generate
 from ..config import from_dict, migrate_saved
 from ..diffusion.sampling import HeadSamplerName, guidance_at
 from ..models.gpt import GPT, GPTConfig
@@ -21,37 +23,28 @@ from .checkpoints import load_model
 from .tokenizer import Tokenizer
 
 
-@dataclass
-class SampleConfig:
-    guidance: float = 4.0  # classifier-free guidance on the class
-    guidance_schedule: Literal["linear", "constant"] = "linear"
-    temperature: float = 1.0
-    head_steps: Optional[int] = None  # None: the model's head_sample_steps
-    sampler: Literal["sde", "ode", "heun", "adams", "dpm"] = "sde"  # heun, adams: flow heads; dpm: ddpm heads
-    decoder_guidance: Optional[float] = None  # None: the tokenizer's
-    decoder_steps: Optional[str] = None
-    RENAMED: ClassVar[dict] = {"cfg": "guidance", "cfg_schedule": "guidance_schedule",
-                               "decoder_cfg": "decoder_guidance"}
-
-
 @torch.no_grad()
 def generate(gpt: GPT, labels: torch.Tensor, guidance: float = 1.0,
              guidance_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
              generator: Optional[torch.Generator] = None, head_steps: Optional[int] = None,
-             sampler: HeadSamplerName = "sde", use_kv_cache: bool = True) -> torch.Tensor:
-    """Sample tokens (B, num_tokens, token_dim) float32 for class labels (B,).
+             sampler: HeadSamplerName = "sde", use_kv_cache: bool = True,
+             num_tokens: Optional[int] = None) -> torch.Tensor:
+    """Sample tokens (B, k, token_dim) float32 for class labels (B,): the first k = num_tokens (default: all N) of
+    the model's N tokens, in k AR steps. They equal the first k of a full draw with the same generator (the
+    guidance schedule runs over all N).
 
     guidance != 1 doubles the batch with the null class; both halves share the head's noise. head_steps None
     uses the config's head_sample_steps. The model runs in eval mode here and is restored afterwards.
     """
     guidance_at(guidance, 0, gpt.num_tokens, guidance_schedule)  # fail fast on an unknown schedule name
     gpt.diffloss.sampling.check(sampler)  # ... and on a sampler the head's objective lacks
+    count = tokens_to_generate(num_tokens, gpt.num_tokens)
     guided = guidance != 1.0
     batch, num_tokens = labels.shape[0], gpt.num_tokens
     device = labels.device
     all_labels = torch.cat([labels, torch.full_like(labels, gpt.num_classes)]) if guided else labels
     in_dtype = gpt.z_proj.weight.dtype
-    tokens = torch.zeros(batch, num_tokens, gpt.config.token_dim, device=device)
+    tokens = torch.zeros(batch, count, gpt.config.token_dim, device=device)
 
     was_training = gpt.training
     gpt.eval()
@@ -60,7 +53,7 @@ def generate(gpt: GPT, labels: torch.Tensor, guidance: float = 1.0,
         gpt.setup_caches(all_labels.shape[0], cache_dtype, device)
         positions = torch.arange(num_tokens, device=device)  # built once: no host-to-device copy per token
     try:
-        for k in range(num_tokens):
+        for k in range(count):
             if use_kv_cache:
                 prev = None if k == 0 else tokens[:, k - 1:k]
                 pos = positions[k:k + 1]
@@ -83,12 +76,13 @@ def generate(gpt: GPT, labels: torch.Tensor, guidance: float = 1.0,
 
 def sample_images(gpt: GPT, tokenizer: Tokenizer, labels: torch.Tensor, s: SampleConfig,
                   generator: torch.Generator, progress: bool = False) -> torch.Tensor:
-    """Class labels -> images in [0, 1]: the AR model draws the first N tokens, the tokenizer decodes them.
+    """Class labels -> images in [0, 1]: the AR model draws its first k tokens (s.tokens; default all N), the
+    tokenizer decodes them with the slots after them nulled, as it decodes a prefix in `reconstruct`.
     progress: a tqdm bar over the decoder's steps. Both models run in the tokenizer's precision."""
     with inference_precision(labels.device, tokenizer.precision):
         tokens = generate(gpt, labels, s.guidance, s.guidance_schedule, s.temperature, generator, s.head_steps,
-                          s.sampler)
-    return tokenizer.decode(tokens, num_tokens=gpt.num_tokens, guidance=s.decoder_guidance, steps=s.decoder_steps,
+                          s.sampler, num_tokens=s.tokens)
+    return tokenizer.decode(tokens, num_tokens=tokens.shape[1], guidance=s.decoder_guidance, steps=s.decoder_steps,
                             generator=generator, progress=progress)
 
 
@@ -137,4 +131,34 @@ def load_generator(path: Union[str, Path], device: Optional[str] = None) -> Load
 
 def with_overrides(sample: SampleConfig, **given) -> SampleConfig:
     """sample with every given setting that is not None replacing the run's."""
-    return replace(sample, **{name: value for name, value in given.items() if value is not None})
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown sampling settings {unknown}; choose from {', '.join(SETTINGS)}")
+    sample = replace(sample, **{name: value for name, value in given.items() if value is not None})
+    sample.validate()
+    return sample
+
+
+class EagerSampler:
+    """The AR model and its tokenizer behind the interface of export.CompiledSampler (export/choice.py picks one):
+    resolved(**overrides) -> the settings as a dict, sample_images(labels, generator, progress, **overrides)."""
+
+    max_batch = None  # any batch
+
+    def __init__(self, loaded: LoadedGenerator, tokenizer: Tokenizer):
+        self.gpt, self.tokenizer, self.sample = loaded.gpt, tokenizer, loaded.sample
+        self.settings = asdict(loaded.sample)  # the run's
+        self.device = next(loaded.gpt.parameters()).device
+        self.num_classes, self.num_tokens = loaded.gpt.num_classes, loaded.gpt.num_tokens
+
+    def config(self, **overrides) -> SampleConfig:
+        s = with_overrides(self.sample, **overrides)
+        tokens_to_generate(s.tokens, self.num_tokens)  # a k outside 1..N fails before any sampling
+        return s
+
+    def resolved(self, **overrides) -> dict:
+        return asdict(self.config(**overrides))
+
+    def sample_images(self, labels: torch.Tensor, generator: Optional[torch.Generator] = None, progress: bool = False,
+                      **overrides) -> torch.Tensor:
+        return sample_images(self.gpt, self.tokenizer, labels, self.config(**overrides), generator, progress)

@@ -16,6 +16,7 @@ import torch
 from ..common.files import atomic_write, sha256_file
 from ..common.noise import SampleNoise
 from ..common.runs import weights_file
+from ..common.sample_settings import tokens_to_generate
 from ..config import ConfigError, to_dict
 from ..data.build import DataConfig, build_dataset
 from ..data.token_cache import CacheConfig, TokenCache, build_token_cache
@@ -94,6 +95,10 @@ def build(run: ARRun, out_dir: Path, device: torch.device):
     if run.data.loader != "torch" or run.data.latents:
         raise ConfigError("data.loader=dali and data.latents are the tokenizer stage's (and `cache`'s); the AR stage "
                           "trains from its token cache: leave them unset")
+    try:
+        tokens_to_generate(run.sample.tokens, run.model.num_tokens)  # the previews' k: refused before training
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     source, digest = pinned_tokenizer(run, out_dir)
     # The previews sample in the training precision (train.precision: bf16 or fp32).
     tokenizer = Tokenizer.from_checkpoint(source, device=str(device), precision=run.train.precision)
