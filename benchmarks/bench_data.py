@@ -54,7 +54,7 @@ from semanticist_fast.models.latent_codec import CodecConfig  # noqa: E402
 from semanticist_fast.models.tokenizer import TokenizerConfig  # noqa: E402
 from semanticist_fast.models.vae_kl import AutoencoderKL, VAEConfig, save_autoencoder_kl  # noqa: E402
 from semanticist_fast.models.vit import EncoderConfig  # noqa: E402
-from semanticist_fast.tasks.tokenizer import TokenizerRun, TokenizerTask  # noqa: E402
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun, TokenizerTask  # noqa: E402
 
 PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg", "motorcycle_left.png",
           "ihc.png", "astronaut.png", "motorcycle_right.png")

@@ -66,7 +66,7 @@ def one_per_class(labels: torch.Tensor, classes: int, offset: int = 0) -> torch.
 
 
 def fid_figures(args, device: torch.device) -> dict:
-    from semanticist_fast.eval.config import EvalConfig
+    from semanticist_fast.eval.eval_config import EvalConfig
     from semanticist_fast.eval.gen_eval import evaluate_generation
     from semanticist_fast.eval.recon_eval import evaluate_reconstruction
 

@@ -58,7 +58,7 @@ def compare_compiled(args) -> dict:
     if not (directory / "manifest.json").is_file():
         if not args.ckpt:
             raise SystemExit(f"{directory} holds no export: pass --ckpt to export one there first")
-        from semanticist_fast.export.build import export_sampler
+        from semanticist_fast.export.package import export_sampler
         export_sampler(args.ckpt, directory, max_batch=args.batch, device=args.device)
     compiled = CompiledSampler.load(directory)
     checkpoints = compiled.manifest["checkpoints"]

@@ -55,8 +55,8 @@ from semanticist_fast.models.gpt import GPTConfig  # noqa: E402
 from semanticist_fast.models.latent_codec import CodecConfig, codec_geometry  # noqa: E402
 from semanticist_fast.models.tokenizer import TokenizerConfig  # noqa: E402
 from semanticist_fast.models.vit import EncoderConfig  # noqa: E402
-from semanticist_fast.tasks.autoregressive import ARRun, ARTask  # noqa: E402
-from semanticist_fast.tasks.tokenizer import TokenizerRun, TokenizerTask  # noqa: E402
+from semanticist_fast.tasks.autoregressive_stage import ARRun, ARTask  # noqa: E402
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun, TokenizerTask  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0}  # dense, by device-name substring
 NESTING_EPOCH = 10 ** 9  # past enable_nest_after: the step draws per-sample prefixes, as most of training does

@@ -34,7 +34,7 @@ from semanticist_fast.eval.grid import save_grid, token_counts  # noqa: E402
 from semanticist_fast.eval.reconstruction import format_report, held_out_images, reconstruction_report  # noqa: E402
 from semanticist_fast.inference import Tokenizer  # noqa: E402
 from semanticist_fast.tasks import train  # noqa: E402
-from semanticist_fast.tasks.tokenizer import TokenizerRun  # noqa: E402
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun  # noqa: E402
 
 TRAIN_PHOTOS = ("astronaut.png", "chelsea.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
                 "motorcycle_right.png", "retina.jpg", "camera.png", "coins.png", "moon.png", "brick.png",

@@ -23,7 +23,7 @@ from semanticist_fast.eval.grid import save_grid, token_counts  # noqa: E402
 from semanticist_fast.eval.reconstruction import format_report, held_out_images, reconstruction_report  # noqa: E402
 from semanticist_fast.inference import Tokenizer  # noqa: E402
 from semanticist_fast.tasks import train  # noqa: E402
-from semanticist_fast.tasks.tokenizer import TokenizerRun  # noqa: E402
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun  # noqa: E402
 
 PUBLISHED_DECODER = ["model.diffusion.objective=ddpm", "model.decoder.learn_sigma=true",
                      "model.diffusion.sample_steps=100"]

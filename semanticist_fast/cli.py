@@ -96,7 +96,7 @@ def cmd_cache(args) -> int:
     from .common.distributed import close
     from .config import load_config
     from .tasks import spec_for_file
-    from .tasks.tokenizer import build_latent_cache_for_run
+    from .tasks.tokenizer_stage import build_latent_cache_for_run
 
     spec = spec_for_file(args.config)
     if spec.kind != "tokenizer":
@@ -130,7 +130,7 @@ def add_cache_parser(sub) -> None:
 
 
 def cmd_reconstruct(args) -> int:
-    from .data.build import load_images
+    from .data.datasets import load_images
     from .eval.grid import save_grid, token_counts
     from .eval.reconstruction import format_report, held_out_images, parse_token_counts, reconstruction_report
     from .inference import Tokenizer
@@ -264,7 +264,7 @@ def _sampling_overrides(args) -> dict:
 
 
 def cmd_export(args) -> int:
-    from .export.build import export_sampler
+    from .export.package import export_sampler
 
     path = export_sampler(args.ckpt, args.out, tokenizer=args.tokenizer, max_batch=args.batch,
                           static_batch=args.static_batch, device=args.device, compile=not args.no_compile,
@@ -343,7 +343,7 @@ def add_demo_parser(sub) -> None:
 
 def _eval_config(args):
     from .common.runs import saved_config
-    from .eval.config import resolve_eval_config
+    from .eval.eval_config import resolve_eval_config
 
     flags = {name: getattr(args, name, None) for name in
              ("inception_path", "reference", "reference_images", "num_images", "per_class", "tokens", "shard_size",

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 from semanticist_fast.config import load_config
-from semanticist_fast.tasks.tokenizer import TokenizerRun
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun
 
 # The official checkpoints' parameter layouts (copied from shared/reference/checkpoint_layouts).
 LAYOUTS = Path(__file__).resolve().parent / "data" / "checkpoint_layouts"

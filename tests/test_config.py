@@ -6,7 +6,7 @@ import yaml
 
 from semanticist_fast.config import ConfigError, load_config, save_config, to_dict
 from semanticist_fast.models.tokenizer import SemanticistTokenizer
-from semanticist_fast.tasks.tokenizer import TokenizerRun
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -195,7 +195,7 @@ def test_renamed_key_is_an_error_that_names_the_new_one(override, new, tmp_path)
 
 
 def test_ar_sample_section_renames():
-    from semanticist_fast.tasks.autoregressive import ARRun
+    from semanticist_fast.tasks.autoregressive_stage import ARRun
 
     for old, new in (("cfg", "guidance"), ("cfg_schedule", "guidance_schedule"), ("decoder_cfg", "decoder_guidance")):
         with pytest.raises(ConfigError, match=f"sample.{old} was renamed: use sample.{new}"):

@@ -21,7 +21,7 @@ from semanticist_fast.models.latent_codec import CodecConfig, PixelCodec
 from semanticist_fast.models.tokenizer import SemanticistTokenizer, TokenizerConfig
 from semanticist_fast.models.vit import EncoderConfig
 from semanticist_fast.inference import Tokenizer
-from semanticist_fast.tasks.tokenizer import TokenizerRun
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun
 
 from helpers import LAYOUTS, parse_layout, randomized
 

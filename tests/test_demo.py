@@ -33,15 +33,15 @@ from PIL import Image
 
 from helpers import micro_tokenizer_run
 from semanticist_fast.config import load_config
-from semanticist_fast.data.build import load_images
+from semanticist_fast.data.datasets import load_images
 from semanticist_fast.data.procedural import class_name
 from semanticist_fast.eval.metrics import psnr, ssim
 from semanticist_fast.eval.reconstruction import as_scored, chunk_generator
-from semanticist_fast.export.build import export_sampler
+from semanticist_fast.export.package import export_sampler
 from semanticist_fast.inference import Tokenizer, load_generator, sample_images
 from semanticist_fast.inference.generation import with_overrides
 from semanticist_fast.tasks import train
-from semanticist_fast.tasks.autoregressive import ARRun
+from semanticist_fast.tasks.autoregressive_stage import ARRun
 
 gradio = pytest.importorskip("gradio", reason="the demo needs the [demo] extra: pip install -e .[demo]")
 from semanticist_fast.demo import handlers  # noqa: E402

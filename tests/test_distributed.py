@@ -18,12 +18,12 @@ from semanticist_fast.common.runs import list_checkpoints, read_meta, write_weig
 from semanticist_fast.config import ConfigError, load_config, to_dict
 from semanticist_fast.data.loader import piece, rank_batches
 from semanticist_fast.engine.checkpoint import consolidated_slices
-from semanticist_fast.engine.config import TrainConfig
+from semanticist_fast.engine.train_config import TrainConfig
 from semanticist_fast.engine.trainer import EXIT_RESUMABLE
 from semanticist_fast.engine.zero import deepspeed_config
 from semanticist_fast.models.tokenizer import SemanticistTokenizer
 from semanticist_fast.tasks import train
-from semanticist_fast.tasks.autoregressive import ARRun
+from semanticist_fast.tasks.autoregressive_stage import ARRun
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -91,7 +91,7 @@ def test_batch_plan_and_its_errors():
 
 def test_deepspeed_config_from_the_yaml_and_a_json_file():
     train_cfg = TrainConfig(batch_size=512, micro_batch_size=32, engine="deepspeed", zero_stage=3)
-    from semanticist_fast.engine.config import OptimConfig
+    from semanticist_fast.engine.train_config import OptimConfig
     optim = OptimConfig(grad_clip=2.0)
     cfg = deepspeed_config(train_cfg, optim, world_size=4)
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) \

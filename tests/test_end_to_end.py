@@ -15,7 +15,7 @@ from semanticist_fast.models.latent_codec import PixelCodec
 from semanticist_fast.models.tokenizer import SemanticistTokenizer
 from semanticist_fast.inference import Tokenizer
 from semanticist_fast.tasks import train as train_tokenizer
-from semanticist_fast.tasks.tokenizer import TokenizerRun
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun
 
 # The shipped tiny config, unchanged but for logging: the margins below are the ones the README promises.
 QUIET = ["train.progress=false", "train.preview_every=0"]

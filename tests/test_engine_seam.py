@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from semanticist_fast.common.distributed import close
 from semanticist_fast.common.runs import checkpoint_dir, read_meta
 from semanticist_fast.engine.checkpoint import consolidated_slices
-from semanticist_fast.engine.config import OptimConfig, TrainConfig
+from semanticist_fast.engine.train_config import OptimConfig, TrainConfig
 from semanticist_fast.engine.engines import init_world
 from semanticist_fast.engine.trainer import Trainer
 

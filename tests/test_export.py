@@ -19,7 +19,7 @@ from helpers import micro_tokenizer_run, randomized
 from semanticist_fast.common.files import sha256_file
 from semanticist_fast.config import from_dict, to_dict
 from semanticist_fast.export import CompiledSampler
-from semanticist_fast.export.build import export_sampler
+from semanticist_fast.export.package import export_sampler
 from semanticist_fast.inference import SampleConfig, Tokenizer, load_generator, sample_images
 from semanticist_fast.inference.generation import generate
 from semanticist_fast.models.gpt import GPT, GPTConfig
@@ -117,7 +117,7 @@ def test_packages_in_a_fresh_process_reproduce_eager_sampling(exported, eager, c
     # per-sample noise helpers): no model, kernel or training code.
     assert all(m.startswith(("semanticist_fast.export", "semanticist_fast.diffusion", "semanticist_fast.common"))
                or m == "semanticist_fast" for m in out["modules"]), out["modules"]
-    assert "semanticist_fast.export.build" not in out["modules"]
+    assert "semanticist_fast.export.package" not in out["modules"]
     gpt, tok = eager
     ref = sample_images(gpt, tok, torch.tensor([0, 3, 4]), eager_settings(compiled), torch.Generator().manual_seed(0))
     assert ref.shape == (3, 3, 16, 16) and ref.std() > 0.05  # the random models draw varied images

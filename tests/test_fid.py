@@ -24,9 +24,9 @@ from semanticist_fast.eval.grid import from_nhwc, to_uint8
 from semanticist_fast.eval.inception import (fid_statistics, frechet_distance, inception_features, inception_score,
                                              load_inception, save_random_inception)
 from semanticist_fast.eval.metrics import psnr, ssim
-from semanticist_fast.eval.reference import load_reference
+from semanticist_fast.eval.fid_stats import load_reference
 from semanticist_fast.tasks import train
-from semanticist_fast.tasks.autoregressive import ARRun
+from semanticist_fast.tasks.autoregressive_stage import ARRun
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

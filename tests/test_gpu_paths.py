@@ -250,7 +250,7 @@ def micro_models():
 def test_tokenizer_and_sampling_run_in_the_tokenizers_precision(micro_models, monkeypatch):
     import contextlib
 
-    from semanticist_fast.inference import SampleConfig, generation, sample_images, tokenizer
+    from semanticist_fast.inference import SampleConfig, generation, sample_images, tokenizer_api
 
     seen = []
 
@@ -323,7 +323,7 @@ def test_cuda_zero_step_adds_no_host_sync(monkeypatch):
     pytest.importorskip("deepspeed")
     import torch.distributed as dist
 
-    from semanticist_fast.engine.config import OptimConfig, TrainConfig
+    from semanticist_fast.engine.train_config import OptimConfig, TrainConfig
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29531"}.items():
@@ -359,7 +359,7 @@ def test_cuda_bf16_export_replays_from_cuda_graphs(micro_models, tmp_path):
     """A compiled bf16 CUDA export loaded with CUDA graphs on (the default): capture succeeds (the packages load
     single-threaded), replays are deterministic, and the images stay near eager bf16 sampling."""
     from semanticist_fast.export import CompiledSampler
-    from semanticist_fast.export.build import export_sampler
+    from semanticist_fast.export.package import export_sampler
     from semanticist_fast.inference import SampleConfig, sample_images
 
     gpt, tok = micro_models("cuda", "bf16")
@@ -398,7 +398,7 @@ def test_bf16_export_traces_the_steps_under_autocast(micro_models, tmp_path, mon
     """The bf16 export path, run on the CPU with CPU bf16 autocast standing in for CUDA's (uncompiled programs):
     the steps trace with the casts inside, the caches are bf16, the outputs fp32, and sampling follows eager
     sampling under the same autocast."""
-    from semanticist_fast.export import CompiledSampler, build
+    from semanticist_fast.export import CompiledSampler, package
     from semanticist_fast.inference import SampleConfig, generate
 
     monkeypatch.setattr(build, "effective_precision", lambda device, precision: precision)

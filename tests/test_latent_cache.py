@@ -18,7 +18,7 @@ from semanticist_fast.data.token_cache import image_views
 from semanticist_fast.models.latent_codec import CodecConfig, KL16Codec
 from semanticist_fast.models.vae_kl import AutoencoderKL, VAEConfig, save_autoencoder_kl, small_test_config
 from semanticist_fast.tasks import TASKS, train
-from semanticist_fast.tasks.tokenizer import TokenizerTask, build_latent_cache_for_run
+from semanticist_fast.tasks.tokenizer_stage import TokenizerTask, build_latent_cache_for_run
 
 SIZE = 16
 
@@ -172,7 +172,7 @@ def test_training_from_the_cache_matches_training_from_the_online_vae(vae, tmp_p
 
 def test_dali_reads_the_same_views_and_posteriors(tmp_path, vae, one_thread):
     pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (pip install -e .[dali])")
-    from semanticist_fast.data.build import DataConfig, dali_images
+    from semanticist_fast.data.datasets import DataConfig, dali_images
     from semanticist_fast.data.folder import ImageFolderDataset
     from semanticist_fast.data.latent_cache import DaliLatentViews
     from semanticist_fast.data.loader import epoch_loader

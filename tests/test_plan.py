@@ -28,8 +28,8 @@ from semanticist_fast.engine.optimizer import LocalOptimizerStep
 from semanticist_fast.engine.trainer import Trainer
 from semanticist_fast.plan import planner
 from semanticist_fast.tasks import spec_for_file
-from semanticist_fast.tasks.autoregressive import ARTask
-from semanticist_fast.tasks.tokenizer import TokenizerTask
+from semanticist_fast.tasks.autoregressive_stage import ARTask
+from semanticist_fast.tasks.tokenizer_stage import TokenizerTask
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_TINY = ROOT / "configs" / "tokenizer_tiny.yaml"

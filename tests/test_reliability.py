@@ -25,7 +25,7 @@ from semanticist_fast.data.transforms import to_rgb
 from semanticist_fast.engine.trainer import NonFiniteError
 from semanticist_fast.inference import Tokenizer
 from semanticist_fast.tasks import train
-from semanticist_fast.tasks.autoregressive import ARRun
+from semanticist_fast.tasks.autoregressive_stage import ARRun
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false"]
@@ -312,7 +312,7 @@ def test_every_image_mode_decodes_to_its_real_values(tmp_path):
 
 
 def test_a_16_bit_png_trains_and_reconstructs_from_its_real_values(tmp_path):
-    from semanticist_fast.data.build import load_images
+    from semanticist_fast.data.datasets import load_images
     from semanticist_fast.data.folder import ImageFolderDataset
 
     (tmp_path / "a").mkdir()

@@ -116,7 +116,7 @@ def test_cli_options_are_the_sample_settings(capsys):
 
 def test_an_ar_run_whose_previews_ask_for_more_tokens_than_its_model_draws_is_refused(tmp_path):
     from semanticist_fast.config import load_config
-    from semanticist_fast.tasks.autoregressive import ARRun, build
+    from semanticist_fast.tasks.autoregressive_stage import ARRun, build
 
     run = load_config(ARRun, "configs/autoregressive_tiny.yaml", ["sample.tokens=9"])
     with pytest.raises(ConfigError, match=r"sample.tokens 9: the AR model draws 8 tokens, so k must be in 1\.\.8"):

@@ -10,7 +10,7 @@ from semanticist_fast.common.noise import BatchNoise
 from semanticist_fast.diffusion.flow import RectifiedFlow
 from semanticist_fast.diffusion.gaussian import GaussianDiffusion
 from semanticist_fast.models.latent_codec import PixelCodec
-from semanticist_fast.tasks.tokenizer import TokenizerTask
+from semanticist_fast.tasks.tokenizer_stage import TokenizerTask
 from helpers import micro_tokenizer_run, randomized
 
 BATCH, TEACHER_DIM = 8, 24

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from semanticist_fast.config import load_config
 from semanticist_fast.tasks import train
-from semanticist_fast.tasks.tokenizer import TokenizerRun
+from semanticist_fast.tasks.tokenizer_stage import TokenizerRun
 
 
 def main(jobs_file: str) -> None:

@@ -28,7 +28,7 @@ from ..common.files import sha256_file
 from ..common.stopping import Stopped, stop_when
 from ..common.runs import saved_config, weights_file
 from ..config import ConfigError, from_dict
-from ..data.build import DataConfig, class_names, load_images
+from ..data.datasets import DataConfig, class_names, load_images
 from ..diffusion.flow import flow_steps
 from ..diffusion.schedules import space_timesteps
 from ..eval.grid import save_grid, save_samples, to_uint8, token_counts

@@ -16,7 +16,7 @@ from typing import Optional, Protocol
 import torch
 
 from ..common.distributed import World, world_from_env
-from .config import OptimConfig, TrainConfig
+from .train_config import OptimConfig, TrainConfig
 from .ema import EMA
 from .optimizer import LocalOptimizerStep
 from .shard import Shard

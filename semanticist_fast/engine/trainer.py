@@ -35,7 +35,7 @@ from ..common.runs import report_skipped
 from ..common.seeds import NOISE_STREAM, derive_seed
 from ..data.loader import epoch_loader, piece, steps_per_epoch
 from .checkpoint import choose_checkpoint, remove_orphans, restore_checkpoint, rng_state, save_checkpoint, set_aside
-from .config import OptimConfig, TrainConfig
+from .train_config import OptimConfig, TrainConfig
 from .engines import build_engine
 from .schedule import lr_at
 

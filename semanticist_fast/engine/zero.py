@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..common.distributed import World, world_from_env
-from .config import OptimConfig, TrainConfig
+from .train_config import OptimConfig, TrainConfig
 from .ema import EMA
 from .optimizer import build_adamw
 from .shard import Fragment, Shard

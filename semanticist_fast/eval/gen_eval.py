@@ -24,11 +24,11 @@ from ..common.runs import resolve_checkpoint, saved_config, weights_file
 from ..common.sample_settings import tokens_to_generate
 from ..common.seeds import derive_seed
 from ..inference.generation import load_generator, sample_images, with_overrides
-from ..inference.tokenizer import Tokenizer
-from .config import EvalConfig
+from ..inference.tokenizer_api import Tokenizer
+from .eval_config import EvalConfig
 from .grid import from_nhwc, save_adm_npz, save_grid, to_uint8
 from .inception import fid_statistics, frechet_distance, inception_features, inception_score, load_inception
-from .reference import data_reference, load_reference
+from .fid_stats import data_reference, load_reference
 from .sharded import default_out_dir, load_arrays, run_shards, shard_chunks
 
 log = logging.getLogger(__name__)

@@ -21,12 +21,12 @@ from ..common.device import effective_precision, resolve_device
 from ..common.distributed import close, ranks_from_env
 from ..common.files import atomic_write_text, sha256_file
 from ..common.runs import resolve_checkpoint, saved_config, weights_file
-from ..inference.tokenizer import Tokenizer
-from .config import EvalConfig
+from ..inference.tokenizer_api import Tokenizer
+from .eval_config import EvalConfig
 from .grid import from_nhwc, save_adm_npz, save_grid, to_uint8
 from .inception import fid_statistics, frechet_distance, inception_features, load_inception
 from .reconstruction import held_out_set, parse_token_counts, reconstruct_chunk, summarize
-from .reference import load_reference
+from .fid_stats import load_reference
 from .sharded import default_out_dir, load_arrays, run_shards, shard_chunks
 
 log = logging.getLogger(__name__)

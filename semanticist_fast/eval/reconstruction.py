@@ -11,8 +11,8 @@ import torch
 from ..common.runs import saved_config
 from ..common.seeds import derive_seed
 from ..config import ConfigError, from_dict
-from ..data.build import DataConfig, held_out_dataset
-from ..inference.tokenizer import Tokenizer
+from ..data.datasets import DataConfig, held_out_dataset
+from ..inference.tokenizer_api import Tokenizer
 from .grid import to_uint8
 from .metrics import flat_images, mse, psnr, ssim
 

@@ -1,4 +1,4 @@
-"""CompiledSampler: class labels -> images from an exported directory (semanticist_fast/export/build.py).
+"""CompiledSampler: class labels -> images from an exported directory (semanticist_fast/export/package.py).
 
 Needs torch and the packages only: it imports no model, kernel, inference or training code of this project, just
 the sampler math of semanticist_fast.diffusion (plain torch), which the eager path uses too. The loops are those

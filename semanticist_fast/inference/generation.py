@@ -19,8 +19,8 @@ from ..common.sample_settings import SETTINGS, SampleConfig, tokens_to_generate
 from ..config import from_dict, migrate_saved
 from ..diffusion.sampling import HeadSamplerName, guidance_at
 from ..models.gpt import GPT, GPTConfig
-from .checkpoints import load_model
-from .tokenizer import Tokenizer
+from .load_checkpoint import load_model
+from .tokenizer_api import Tokenizer
 
 
 @torch.no_grad()

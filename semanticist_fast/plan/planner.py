@@ -20,8 +20,8 @@ from ..models.dinov2 import DinoV2, DinoV2Config
 from ..models.latent_codec import KL16Codec, PixelCodec, codec_geometry
 from ..models.tokenizer import build_decoder_process
 from ..models.vae_kl import AutoencoderKL, VAEConfig
-from ..tasks.autoregressive import ARTask
-from ..tasks.tokenizer import TokenizerTask
+from ..tasks.autoregressive_stage import ARTask
+from ..tasks.tokenizer_stage import TokenizerTask
 from . import flops
 from .comm import zero_comm
 from .hardware import GPUS_PER_NODE, HEADROOM, KNOWN_DATASETS, gpu_named

@@ -19,12 +19,12 @@ from ..config import ConfigError, migrate_saved, save_config, to_dict
 from ..engine.engines import init_world
 from ..engine.trainer import fit_task
 from ..kernels.dispatch import set_fast_paths
-from . import autoregressive, tokenizer
+from . import autoregressive_stage, tokenizer_stage
 from .spec import TaskSpec
 
 log = logging.getLogger(__name__)
 
-TASKS: dict[str, TaskSpec] = {spec.kind: spec for spec in (tokenizer.SPEC, autoregressive.SPEC)}
+TASKS: dict[str, TaskSpec] = {spec.kind: spec for spec in (tokenizer_stage.SPEC, autoregressive_stage.SPEC)}
 _DROPOUT_STREAM = 5  # each rank's own stream, for element-wise dropout (common/noise.py)
 
 

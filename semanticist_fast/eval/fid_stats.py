@@ -16,7 +16,7 @@ import torch
 from ..common.files import atomic_write
 from ..common.seeds import seeded_generator
 from ..config import from_dict
-from ..data.build import DataConfig
+from ..data.datasets import DataConfig
 from .grid import to_uint8
 from .inception import fid_statistics, inception_features
 
@@ -52,7 +52,7 @@ def training_images(data: dict, image_size: int, data_seed: int = 0):
     """The training set of a run's `data` section (data_seed: the run's train.seed) in ADM centre crops."""
     cfg = from_dict(DataConfig, data, prefix="data.")
     if cfg.dataset == "procedural":
-        from ..data.build import build_dataset
+        from ..data.datasets import build_dataset
         return build_dataset(cfg, image_size, "train", seed=data_seed)
     from ..data.folder import ImageFolderDataset
     from ..data.transforms import build_transform

@@ -18,13 +18,13 @@ from ..common.noise import SampleNoise
 from ..common.runs import weights_file
 from ..common.sample_settings import tokens_to_generate
 from ..config import ConfigError, to_dict
-from ..data.build import DataConfig, build_dataset
+from ..data.datasets import DataConfig, build_dataset
 from ..data.token_cache import CacheConfig, TokenCache, build_token_cache
-from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
-from ..eval.config import EvalConfig
+from ..engine.train_config import OptimConfig, RuntimeConfig, TrainConfig
+from ..eval.eval_config import EvalConfig
 from ..eval.grid import save_grid
 from ..inference.generation import PINNED_TOKENIZER, SampleConfig, sample_images
-from ..inference.tokenizer import Tokenizer
+from ..inference.tokenizer_api import Tokenizer
 from ..models.gpt import GPT, GPTConfig
 from .spec import TaskSpec
 

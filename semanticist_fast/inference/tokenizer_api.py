@@ -7,7 +7,7 @@ import torch
 from ..common.device import check_precision, inference_precision, resolve_device
 from ..models.latent_codec import build_codec
 from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, build_decoder_process
-from .checkpoints import load_model
+from .load_checkpoint import load_model
 
 
 class Tokenizer:

@@ -9,13 +9,13 @@ import torch
 from ..common.noise import SampleNoise
 from ..common.files import sha256_file
 from ..config import ConfigError
-from ..data.build import DataConfig, build_dataset, dali_images, held_out_dataset, images_identity
+from ..data.datasets import DataConfig, build_dataset, dali_images, held_out_dataset, images_identity
 from ..data.latent_cache import FORMAT_VERSION as LATENT_FORMAT
 from ..data.latent_cache import DaliLatentViews, LatentCache, LatentViews
-from ..engine.config import OptimConfig, RuntimeConfig, TrainConfig
-from ..eval.config import EvalConfig
+from ..engine.train_config import OptimConfig, RuntimeConfig, TrainConfig
+from ..eval.eval_config import EvalConfig
 from ..eval.grid import save_grid, token_counts
-from ..inference.tokenizer import Tokenizer
+from ..inference.tokenizer_api import Tokenizer
 from ..models.latent_codec import build_codec, codec_geometry, codec_weights_file
 from ..models.tokenizer import SemanticistTokenizer, TokenizerConfig, build_decoder_process
 from .spec import TaskSpec
