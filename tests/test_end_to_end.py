@@ -45,7 +45,10 @@ def test_reconstruction_beats_flat_and_improves_with_every_doubling(tiny_tokeniz
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert "flat" in result.stdout and f"{psnr[8]:.2f}" in result.stdout  # the table a user reads
     assert psnr[1] < psnr[2] < psnr[4] < psnr[8], psnr
-    assert psnr[8] - psnr[1] >= 2.0, (psnr, flat)  # later tokens add detail
+    # Later tokens add detail. Since the built-in pictures put their two large shapes on opposite sides (issue 26),
+    # one token already carries the coarse layout: 18.55 -> 20.54 dB from 1 to 8 tokens in
+    # bench_quality@20261205T052038Z, so the margin is 1.5 dB, not the 2 dB of the earlier pictures.
+    assert psnr[8] - psnr[1] >= 1.5, (psnr, flat)
     assert psnr[8] - flat >= 2.0, (psnr, flat)  # the tokens carry far more than the mean colour
     assert report["per_tokens"][-1]["ssim"] > report["flat"]["ssim"]
 

@@ -258,7 +258,7 @@ def test_tokenizer_and_sampling_run_in_the_tokenizers_precision(micro_models, mo
         seen.append((torch.device(device).type, precision))
         return contextlib.nullcontext()
 
-    monkeypatch.setattr(tokenizer, "inference_precision", recording)
+    monkeypatch.setattr(tokenizer_api, "inference_precision", recording)
     monkeypatch.setattr(generation, "inference_precision", recording)
     gpt, tok = micro_models(precision="tf32")
     images = sample_images(gpt, tok, torch.tensor([1, 2]), SampleConfig(guidance=1.0, head_steps=2),
@@ -401,9 +401,9 @@ def test_bf16_export_traces_the_steps_under_autocast(micro_models, tmp_path, mon
     from semanticist_fast.export import CompiledSampler, package
     from semanticist_fast.inference import SampleConfig, generate
 
-    monkeypatch.setattr(build, "effective_precision", lambda device, precision: precision)
+    monkeypatch.setattr(package, "effective_precision", lambda device, precision: precision)
     gpt, tok = micro_models("cpu")
-    build.export_sampler(_write_checkpoints(gpt, tok, tmp_path), tmp_path / "export", max_batch=2, device="cpu",
+    package.export_sampler(_write_checkpoints(gpt, tok, tmp_path), tmp_path / "export", max_batch=2, device="cpu",
                          compile=False, progress=False, precision="bf16")
     sampler = CompiledSampler.load(tmp_path / "export")
     assert sampler.manifest["precision"] == "bf16" and sampler.manifest["ar"]["cache_dtype"] == "bfloat16"
