@@ -126,11 +126,15 @@ class CompiledSampler:
                              f"--decoder-guidance {s['decoder_guidance']} to sample with it")
         self.head_sampler.check(s["sampler"])
         guidance_at(s["guidance"], 0, 1, s["guidance_schedule"])  # an unknown schedule fails now
-        if tokens_to_generate(s["tokens"], self.num_tokens) < self.num_tokens and not self._decoder_takes_count:
+        self._check_decodes(tokens_to_generate(s["tokens"], self.num_tokens))
+        return s
+
+    def _check_decodes(self, count: int) -> None:
+        """An export made before generation from the first k tokens has a decoder step that decodes all N."""
+        if count < self.num_tokens and not self._decoder_takes_count:
             raise ValueError(f"{self.directory} was exported before generation from the first k tokens: its decoder "
                              f"step decodes all {self.num_tokens}; re-export it to sample with --tokens "
-                             f"{s['tokens']}")
-        return s
+                             f"{count}")
 
     def _check_batch(self, batch: int) -> None:
         lo, hi = self.manifest["batch"]["min"], self.manifest["batch"]["max"]
@@ -203,9 +207,7 @@ class CompiledSampler:
         count = given if s["tokens"] is None else tokens_to_generate(s["tokens"], ar["num_tokens"])
         if count > given:
             raise ValueError(f"--tokens {count}: only {given} tokens were given to decode")
-        if count < ar["num_tokens"] and not self._decoder_takes_count:
-            raise ValueError(f"{self.directory} was exported before generation from the first k tokens: its decoder "
-                             f"step decodes all {ar['num_tokens']}; re-export it to decode from {count}")
+        self._check_decodes(count)
         self._check_batch(tokens.shape[0])
         tokens = tokens.to(self.device, torch.float32)
         if given < ar["num_tokens"]:  # the slots from count on are nulled in the step, whatever they hold
